@@ -1,0 +1,392 @@
+"""The server side of the passt-repair protocol: what passt does, for Python programs.
+
+A server without CAP_NET_ADMIN listens on a UNIX socket, accepts one
+passt-repair helper, and has it switch TCP_REPAIR on its sockets:
+
+    with RepairServer("/run/myapp/repair.sock") as server:
+        server.accept(timeout=5)             # a helper: passt-repair /run/myapp/repair.sock
+        with server.repair(sockets):         # repair mode on ...
+            ...                              # dump, migrate
+        # ... and off again, exceptions included
+
+Sockets are sent in batches of at most 253 (one message each) and every
+reply is checked. `queue` and `flush` batch the way passt does: a batch goes
+out when the command changes, when 253 are queued, or on demand. Every wait
+has a timeout; every failure raises a RepairError subclass, and any failure
+that leaves the connection in doubt closes it, so the next call starts clean
+with a fresh helper.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NoReturn, Protocol
+
+from .protocol import SOL_TCP, TCP_REPAIR, Batch, BatchQueue, Command, batches
+
+__all__ = [
+    "HelperGoneError",
+    "HelperInfo",
+    "NoHelperError",
+    "RepairError",
+    "RepairServer",
+    "RepairTimeoutError",
+    "SocketLike",
+    "WrongReplyError",
+    "repair_state",
+]
+
+log = logging.getLogger("passt_repair.server")
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+#: A socket object or a bare descriptor.
+SocketLike = HasFileno | int
+
+
+class RepairError(Exception):
+    """A switch through the helper failed.
+
+    `uncertain` holds the descriptors of the batch that was in flight when
+    the failure happened: the helper may have switched all of them or none
+    (read them with `repair_state`). Batches before it were switched and
+    confirmed; `confirmed` counts their descriptors.
+    """
+
+    def __init__(self, message: str, uncertain: Sequence[int] = (), confirmed: int = 0) -> None:
+        super().__init__(message)
+        self.uncertain = tuple(uncertain)
+        self.confirmed = confirmed
+
+
+class NoHelperError(RepairError):
+    """No helper is attached and none connected in time."""
+
+
+class HelperGoneError(RepairError):
+    """The helper closed the connection or it broke (the helper refused a request, or died)."""
+
+
+class WrongReplyError(RepairError):
+    """The helper answered with a byte other than the command."""
+
+
+class RepairTimeoutError(RepairError, TimeoutError):
+    """The helper did not answer in time."""
+
+
+class HelperInfo:
+    """The helper process at the other end, from SO_PEERCRED."""
+
+    __slots__ = ("gid", "pid", "uid")
+
+    def __init__(self, pid: int, uid: int, gid: int) -> None:
+        self.pid, self.uid, self.gid = pid, uid, gid
+
+    def __repr__(self) -> str:
+        return f"HelperInfo(pid={self.pid}, uid={self.uid}, gid={self.gid})"
+
+
+def _fd(sock: SocketLike) -> int:
+    return sock if isinstance(sock, int) else sock.fileno()
+
+
+def repair_state(sock: SocketLike) -> bool:
+    """Whether `sock` is in repair mode now (reading it needs no privilege)."""
+    fd = _fd(sock)
+    view = socket.socket(fileno=fd)
+    try:
+        return bool(view.getsockopt(SOL_TCP, TCP_REPAIR))
+    finally:
+        view.detach()
+
+
+def peer_info(conn: socket.socket) -> HelperInfo:
+    pid, uid, gid = struct.unpack("iII", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return HelperInfo(pid, uid, gid)
+
+
+def prepare_path(path: str) -> None:
+    """Make room for a new listening socket at `path`.
+
+    A socket file nobody listens on (left by a server that died) is removed.
+    Anything else at the path is left alone and refused: a live socket, a
+    regular file, a directory.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: nobody listens
+        log.info("removed stale socket %s", path)
+        return
+    except BlockingIOError:
+        pass  # a live listener with a full queue
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
+
+
+class RepairServer:
+    """Listen for one passt-repair helper and switch sockets through it.
+
+    `path`: where to listen (a stale socket file there is replaced). `mode`:
+    permission bits of the socket file; the helper needs write permission
+    on it (root passes with CAP_DAC_OVERRIDE). `attach_timeout`: how long a
+    switch waits for a helper when none is attached (passt waits 10 ms).
+    `reply_timeout`: how long to wait for each echo.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mode: int = 0o600,
+        attach_timeout: float = 0.01,
+        reply_timeout: float = 5.0,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.mode = mode
+        self.attach_timeout = attach_timeout
+        self.reply_timeout = reply_timeout
+        self.helper: HelperInfo | None = None
+        self._conn: socket.socket | None = None
+        self._listener: socket.socket | None = None
+        self._inode = 0
+        self._queue = BatchQueue()
+        self.listen()
+
+    # -- listening and accepting -------------------------------------------
+
+    def listen(self) -> None:
+        """(Re)create the listening socket at `path`; used again if the file was removed or replaced."""
+        self._close_listener()
+        prepare_path(self.path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            listener.bind(self.path)
+            os.chmod(self.path, self.mode)
+            listener.listen(0)
+            self._inode = os.stat(self.path).st_ino
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+
+    def _check_path(self) -> None:
+        try:
+            same = os.stat(self.path).st_ino == self._inode
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise NoHelperError(f"repair socket {self.path} was removed or replaced; call listen() to recreate it")
+
+    @property
+    def attached(self) -> bool:
+        """Whether a helper is connected."""
+        return self._conn is not None
+
+    def accept(self, timeout: float | None = None) -> HelperInfo:
+        """Wait up to `timeout` seconds (None: forever) for a helper to connect; return who it is.
+
+        If a helper is attached already, return it at once. Raises NoHelperError on timeout.
+        """
+        if self._conn is not None and self.helper is not None:
+            self._reject_extra()
+            return self.helper
+        listener = self._require_listener()
+        self._check_path()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                conn, _ = listener.accept()
+                break
+            except BlockingIOError:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise NoHelperError(
+                        f"no passt-repair helper connected to {self.path} within {timeout:g} s "
+                        f"(start one: passt-repair {self.path})"
+                    ) from None
+                select.select([listener], [], [], left)
+        conn.settimeout(self.reply_timeout)  # blocking, with a timeout on every send and receive
+        self._conn = conn
+        self.helper = peer_info(conn)
+        log.info("helper attached: pid %d, uid %d, gid %d", self.helper.pid, self.helper.uid, self.helper.gid)
+        return self.helper
+
+    def _require_listener(self) -> socket.socket:
+        if self._listener is None:
+            raise NoHelperError(f"not listening on {self.path} (closed); call listen()")
+        return self._listener
+
+    def _reject_extra(self) -> None:
+        """Accept and close any other helper that connected while one is attached (passt does the same)."""
+        if self._listener is None:
+            return
+        while True:
+            try:
+                extra, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            with extra:
+                info = peer_info(extra)
+                log.warning("rejected a second helper: pid %d, uid %d (one is attached already)", info.pid, info.uid)
+
+    def _attach(self) -> socket.socket:
+        if self._conn is None:
+            self.accept(self.attach_timeout)
+        else:
+            self._reject_extra()
+        assert self._conn is not None
+        return self._conn
+
+    def detach(self) -> None:
+        """Close the connection to the helper (it exits 0); a new helper can then attach."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+            self.helper = None
+
+    # -- switching ---------------------------------------------------------
+
+    def switch(self, sockets: Iterable[SocketLike], command: Command) -> None:
+        """Set repair mode `command` on all `sockets`, in batches of at most 253, each confirmed.
+
+        Anything queued is flushed first. On failure, raises RepairError with
+        the batch in doubt (`uncertain`) and how many were confirmed before it.
+        """
+        self.flush()
+        done = 0
+        for batch in batches(Command(command), (_fd(s) for s in sockets)):
+            self._send(batch, done)
+            done += len(batch.fds)
+
+    def queue(self, sock: SocketLike, command: Command) -> None:
+        """Queue `sock` for `command`; send the queued batch first if the command changed, or once 253 are queued."""
+        due = self._queue.add(_fd(sock), Command(command))
+        if due is not None:
+            self._send(due, 0)
+
+    def flush(self) -> None:
+        """Send what is queued, if anything, and wait for its confirmation."""
+        batch = self._queue.take()
+        if batch is not None:
+            self._send(batch, 0)
+
+    @property
+    def queued(self) -> int:
+        """How many sockets wait in the queue."""
+        return len(self._queue)
+
+    @contextlib.contextmanager
+    def repair(self, sockets: Iterable[SocketLike], off: Command = Command.OFF) -> Iterator[list[SocketLike]]:
+        """Repair mode on for `sockets` inside the block, `off` again on exit (exceptions included).
+
+        If switching on fails halfway, the batches already switched are
+        switched off again before the error is raised.
+        """
+        items = list(sockets)
+        try:
+            self.switch(items, Command.ON)
+        except RepairError as e:
+            if e.confirmed:
+                try:
+                    self.switch(items[: e.confirmed], off)
+                except RepairError:
+                    still = f"; {e.confirmed} sockets switched on before it are still in repair mode (no helper left)"
+                    raise type(e)(f"{e}{still}", e.uncertain, e.confirmed) from e
+            raise
+        try:
+            yield items
+        finally:
+            self.switch(items, off)
+
+    def _send(self, batch: Batch, confirmed: int) -> None:
+        conn = self._attach()
+        command = batch.command
+        try:
+            sent = conn.sendmsg(
+                [command.byte],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch.fds).tobytes())],
+                socket.MSG_NOSIGNAL,
+            )
+            if sent != 1:
+                raise OSError(errno.EIO, "short send")
+            reply = conn.recv(2)
+        except TimeoutError:
+            self._fail(
+                RepairTimeoutError, f"no reply from the helper within {self.reply_timeout:g} s", batch, confirmed
+            )
+        except OSError as e:
+            self._fail(
+                HelperGoneError,
+                f"connection to the helper failed: {os.strerror(e.errno or errno.EIO)}",
+                batch,
+                confirmed,
+            )
+        if not reply:
+            self._fail(
+                HelperGoneError,
+                "the helper closed the connection: it refused the request (see its log) or died",
+                batch,
+                confirmed,
+            )
+        if reply != command.byte:
+            self._fail(
+                WrongReplyError,
+                f"helper replied {reply!r} to command {command.name} ({command.byte!r})",
+                batch,
+                confirmed,
+            )
+
+    def _fail(self, kind: type[RepairError], message: str, batch: Batch, confirmed: int) -> NoReturn:
+        self.detach()  # the connection is in doubt: never reuse it
+        raise kind(
+            f"{message}; {len(batch.fds)} sockets of command {batch.command.name} may or may not be switched",
+            batch.fds,
+            confirmed,
+        )
+
+    # -- closing -----------------------------------------------------------
+
+    def _close_listener(self) -> None:
+        if self._listener is None:
+            return
+        self._listener.close()
+        self._listener = None
+        try:
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        """Close the helper connection and the listening socket, and remove the socket file we made."""
+        self.detach()
+        self._close_listener()
+
+    def __enter__(self) -> RepairServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
