@@ -303,15 +303,11 @@ def whole_loop(pool: TcpPool, count: int, batch: int, repeats: int) -> dict[str,
 _IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 
 
-def import_times(python: Path, command: Path, runs: int) -> dict[str, dict[str, float]]:
-    """Median self and cumulative import time (us) per module when the command starts, top-level first."""
+def import_times(argv: list[str], runs: int) -> dict[str, dict[str, float]]:
+    """Median self and cumulative import time (us) per module when `argv` (a python -X importtime ...) runs."""
     per_module: dict[str, list[tuple[int, int, int]]] = {}
     for _ in range(runs):
-        err = subprocess.run(
-            [str(python), "-X", "importtime", str(command), "/nonexistent/bench"],
-            capture_output=True,
-            text=True,
-        ).stderr
+        err = subprocess.run(argv, capture_output=True, text=True).stderr
         for m in _IMPORT_LINE.finditer(err):
             per_module.setdefault(m.group(4), []).append((int(m.group(1)), int(m.group(2)), len(m.group(3)) // 2))
     return {
@@ -345,7 +341,13 @@ def measure(python: Path, command: Path, quick: bool) -> dict[str, Any]:
     finally:
         pool.close()
         os.sched_setaffinity(0, {SERVER_CPU})
-    result["imports_us"] = import_times(python, command, 5 if quick else 15)
+    runs = 5 if quick else 15
+    result["imports_us"] = import_times([str(python), "-X", "importtime", str(command), "/nonexistent/bench"], runs)
+    # What modules the helper might come to need at start-up would add to what it imports already
+    # (hardening, for prctl or seccomp; annotations).
+    already = "import re, passt_repair.cli, passt_repair.helper"
+    extra = import_times([str(python), "-X", "importtime", "-c", f"{already}; import ctypes; import typing"], runs)
+    result["candidate_imports_us"] = {name: extra[name]["cumulative"] for name in ("ctypes", "typing") if name in extra}
     return result
 
 

@@ -210,7 +210,7 @@ def run(sections: Sequence[str], quick: bool, experiments: bool, counts: Sequenc
                 HelperKind("directory_floor", "Python floor (inotify, connect)", floor, False, True),
             ]
             results["helpers"].update({k.key: _describe(k) for k in dkinds[-2:]})
-        results["directory"] = startup.measure_directory(dkinds, 8 if quick else 40)
+        results["directory"] = startup.measure_directory(dkinds, 10 if quick else 60)
     if "migration" in sections:
         log("migration benchmark (bench/bench_migration.py)")
         results["migration"] = run_migration([4, 64] if quick else [4, 64, 253])
@@ -421,6 +421,11 @@ def profile_table(p: dict[str, Any]) -> list[str]:
     imports = sorted(p["imports_us"].items(), key=lambda kv: -kv[1]["cumulative"])
     top = [f"{name} {v['cumulative'] / 1000:.1f}" for name, v in imports if v["depth"] <= 1][:12]
     lines += ["", "Start-up imports, cumulative ms (top level and their direct imports): " + ", ".join(top)]
+    lines += [
+        "",
+        "Modules the helper might come to import at start-up, cost on top of its present imports (ms): "
+        + ", ".join(f"{k} {v / 1000:.1f}" for k, v in p.get("candidate_imports_us", {}).items()),
+    ]
     return lines
 
 
