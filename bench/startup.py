@@ -148,6 +148,18 @@ def _directory_once(kind: HelperKind, directory: Path) -> tuple[int, int]:
     return done - before_listen, done - before_bind
 
 
+def try_start(kind: HelperKind) -> None:
+    """One untimed start-up of `kind`; raises if it does not connect and exit 0."""
+    with tempfile.TemporaryDirectory(prefix="bench-try-") as tmp:
+        _start_once(kind, Path(tmp))
+
+
+def try_directory(kind: HelperKind) -> None:
+    """One untimed directory-mode trial of `kind`; raises if it does not connect and exit 0."""
+    with tempfile.TemporaryDirectory(prefix="bench-try-") as tmp:
+        _directory_once(kind, Path(tmp) / "try")
+
+
 def measure_directory(kinds: Sequence[HelperKind], rounds: int) -> dict[str, Any]:
     """Directory mode, listen() to accept() (and bind() to accept()), in microseconds; ratios to the C reference."""
     keys = [k.key for k in kinds]

@@ -17,6 +17,8 @@ Variants (--variant):
             the exact rollback costs.
 
 Usage: PYTHON lean_helper.py [--variant lean|noprior] PATH
+(the installed command's main(), with serve() replaced: connecting, logging, exit codes and
+anything else the command does around the loop stay the shipped ones)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from itertools import repeat
 from socket import SCM_RIGHTS, SOL_SOCKET, socket
 
-from passt_repair import helper
+from passt_repair import cli, helper
 from passt_repair.protocol import SCM_MAX_FD, SOL_TCP, TCP_REPAIR, decode_command
 
 #: Request bytes as received (unsigned) -> (value for setsockopt, the reply to send).
@@ -111,28 +113,19 @@ def _slow_error(table: helper._SocketTable, data: bytes, raw: int) -> None:
 
 
 def main() -> int:
+    """The installed command with this serve() in place of the shipped one; everything else is shipped."""
     args = sys.argv[1:]
-    variant = "lean"
-    if args[:1] == ["--variant"]:
-        variant, args = args[1], args[2:]
-    exact = {"lean": True, "noprior": False}[variant]
-    helper._stop.install()
-    try:
-        conn = helper.connect(args[0], helper.stderr_log)
-    except helper.Stopped:
-        return 0
-    except helper.HelperError as e:
-        helper.stderr_log(f"error: {e}")
-        return 1
-    with conn:
-        try:
-            serve(conn, exact)
-        except helper.Stopped:
-            return 0
-        except helper.HelperError as e:
-            helper.stderr_log(f"error: {e}")
-            return 1
-    return 0
+    exact = True
+    if args[:2] == ["--variant", "noprior"]:
+        exact, args = False, args[2:]
+    elif args[:2] == ["--variant", "lean"]:
+        args = args[2:]
+
+    def lean_serve(conn: socket, log: helper.Log, debug: helper.Log | None = None) -> None:
+        serve(conn, exact)
+
+    helper.serve = lean_serve  # run() looks serve up at call time
+    return cli.main(args)
 
 
 if __name__ == "__main__":
