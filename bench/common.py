@@ -256,13 +256,15 @@ class TcpPool:
 def summary_us(samples_ns: Sequence[int]) -> dict[str, float]:
     """Median and spread of timings in nanoseconds, as microseconds."""
     us = sorted(s / 1000 for s in samples_ns)
-    q = statistics.quantiles(us, n=20, method="inclusive") if len(us) > 1 else [us[0]] * 19
+    if len(us) < 2:
+        return dict.fromkeys(("median", "p25", "p75", "p05", "p95", "min"), us[0]) | {"n": len(us)}
+    twentieths = statistics.quantiles(us, n=20, method="inclusive")
     return {
         "median": statistics.median(us),
-        "p25": statistics.quantiles(us, n=4, method="inclusive")[0] if len(us) > 1 else us[0],
-        "p75": statistics.quantiles(us, n=4, method="inclusive")[2] if len(us) > 1 else us[0],
-        "p05": q[0],
-        "p95": q[-1],
+        "p25": twentieths[4],
+        "p75": twentieths[14],
+        "p05": twentieths[0],
+        "p95": twentieths[18],
         "min": us[0],
         "n": len(us),
     }
