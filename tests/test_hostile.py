@@ -751,7 +751,17 @@ def test_hostile_server(tmp_path: Path) -> None:
     for outcome, count in rig.outcomes.most_common():
         print(f"  {count:6d}  {outcome}")
     assert ran >= CASES
-    # The generator must reach every way a message can end; a blind spot would hide here.
-    reached = " | ".join(rig.outcomes)
-    for outcome in ("accepted", "end of file", "truncated", "one byte", "no descriptors", "unsupported", "switching"):
-        assert outcome in reached, f"no case ended with {outcome!r}: {reached}"
+    if CASES >= PROFILES["ci"]:
+        # The generator must reach every way a message can end; a blind spot would hide here.
+        # (Each comes dozens of times in 2,000 cases; a smaller run by hand may miss one.)
+        reached = " | ".join(rig.outcomes)
+        for outcome in (
+            "accepted",
+            "end of file",
+            "truncated",
+            "one byte",
+            "no descriptors",
+            "unsupported",
+            "switching",
+        ):
+            assert outcome in reached, f"no case ended with {outcome!r}: {reached}"
