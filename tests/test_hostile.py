@@ -64,7 +64,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from passt_repair.protocol import SCM_MAX_FD, SOL_TCP, TCP_REPAIR
-from support import HELPER, TcpPairs, assert_clean_stderr, error_lines, have
+from support import HELPER, RawServer, TcpPairs, assert_clean_stderr, error_lines, have
 
 pytestmark = pytest.mark.skipif(not have("strace"), reason="needs strace")
 
@@ -766,3 +766,29 @@ def test_hostile_server(tmp_path: Path) -> None:
             "switching",
         ):
             assert outcome in reached, f"no case ended with {outcome!r}: {reached}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="helper bug, reported for the hardening branch: with descriptor 2 closed at start, "
+    "the server connection takes number 2 and the helper's log lines go to the server",
+)
+def test_helper_started_with_stderr_closed(tmp_path: Path) -> None:
+    """A parent that closed stderr (a daemonizing supervisor may): the replies must still be the bare command bytes."""
+    server = RawServer(tmp_path / "s.repair")
+    pairs = TcpPairs()
+    sock = pairs.make(1)[0]
+    helper = subprocess.Popen([str(HELPER), str(server.path)], preexec_fn=lambda: os.close(2))
+    try:
+        server.accept()
+        reply = server.request(1, [sock.fileno()])
+        assert server.conn is not None
+        server.conn.close()
+        assert helper.wait(timeout=20) == 0
+        assert reply == b"\x01"
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+        server.close()
+        pairs.close()
