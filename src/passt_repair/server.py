@@ -416,7 +416,9 @@ class RepairServer:
         self.detach()
         if batch is None:
             raise kind(f"{message}; nothing was sent, no socket changed", (), confirmed, helper=helper)
-        doubt = f"{len(batch.fds)} sockets of command {batch.command.name} may or may not be switched"
+        doubt = (
+            f"{len(batch.fds)} sockets of command {batch.command.name} may or may not be switched (see repair_state)"
+        )
         if kind is RepairTimeoutError and helper is not None:
             doubt += f" (helper pid {helper.pid} may still be switching them until it exits)"
         raise kind(f"{message}; {doubt}", batch.fds, confirmed, helper=helper)
