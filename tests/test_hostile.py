@@ -489,11 +489,13 @@ def replay(
         if event.result < 0:
             assert event.error == "ECONNRESET", event
             assert case.end in ("close", "reset"), f"reset seen but the server kept the connection: {event}"
+            assert not queue, f"the helper went on after a reset: {list(queue)}"
             return Expected(0, (), replies, states, "reset")
         if event.result == 0:
             assert not event.fds, event
             assert offset == len(stream), f"end of file after {offset} of {len(stream)} bytes"
             assert case.end != "keep", "end of file seen but the server kept the connection"
+            assert not queue, f"the helper went on after end of file: {list(queue)}"
             return Expected(0, (), replies, states, "end of file")
         n = event.result
         assert n <= 2, event
