@@ -61,15 +61,21 @@ class RepairError(Exception):
     """A switch through the helper failed.
 
     `uncertain` holds the descriptors of the batch that was in flight when
-    the failure happened: the helper may have switched all of them or none
-    (read them with `repair_state`). Batches before it were switched and
-    confirmed; `confirmed` counts their descriptors.
+    the failure happened: the helper may have switched all of them, none, or
+    (if it was killed halfway) some; read them with `repair_state`. It is
+    empty when the request never left (nothing changed). Batches before it
+    were switched and confirmed; `confirmed` counts their descriptors.
+    `helper` is the helper that was attached, if any: after a timeout it may
+    still be working on the batch until that process exits.
     """
 
-    def __init__(self, message: str, uncertain: Sequence[int] = (), confirmed: int = 0) -> None:
+    def __init__(
+        self, message: str, uncertain: Sequence[int] = (), confirmed: int = 0, *, helper: HelperInfo | None = None
+    ) -> None:
         super().__init__(message)
         self.uncertain = tuple(uncertain)
         self.confirmed = confirmed
+        self.helper = helper
 
 
 class NoHelperError(RepairError):
@@ -112,6 +118,19 @@ def repair_state(sock: SocketLike) -> bool:
         return bool(view.getsockopt(SOL_TCP, TCP_REPAIR))
     finally:
         view.detach()
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the socket file at `path`, or None if there is none (or something else is there)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def _reason(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else str(e)
 
 
 def peer_info(conn: socket.socket) -> HelperInfo:
@@ -171,7 +190,7 @@ class RepairServer:
         self.helper: HelperInfo | None = None
         self._conn: socket.socket | None = None
         self._listener: socket.socket | None = None
-        self._inode = 0
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
         self._queue = BatchQueue()
         self.listen()
 
@@ -186,19 +205,20 @@ class RepairServer:
             listener.bind(self.path)
             os.chmod(self.path, self.mode)
             listener.listen(0)
-            self._inode = os.stat(self.path).st_ino
+            self._identity = _identity(self.path)
         except BaseException:
             listener.close()
             raise
         self._listener = listener
 
     def _check_path(self) -> None:
-        try:
-            same = os.stat(self.path).st_ino == self._inode
-        except FileNotFoundError:
-            same = False
-        if not same:
-            raise NoHelperError(f"repair socket {self.path} was removed or replaced; call listen() to recreate it")
+        """Raise NoHelperError if our socket file is gone from `path`: no new helper could reach us."""
+        found = _identity(self.path)
+        if found is None or found != self._identity:
+            what = "was removed" if not os.path.lexists(self.path) else "was replaced by another file"
+            raise NoHelperError(
+                f"repair socket {self.path} {what}: no helper can connect; call listen() to recreate it"
+            )
 
     @property
     def attached(self) -> bool:
@@ -232,6 +252,7 @@ class RepairServer:
         self._conn = conn
         self.helper = peer_info(conn)
         log.info("helper attached: pid %d, uid %d, gid %d", self.helper.pid, self.helper.uid, self.helper.gid)
+        self._reject_extra()  # helpers that raced this one into the backlog: closed now, not at the next switch
         return self.helper
 
     def _require_listener(self) -> socket.socket:
@@ -252,13 +273,41 @@ class RepairServer:
                 info = peer_info(extra)
                 log.warning("rejected a second helper: pid %d, uid %d (one is attached already)", info.pid, info.uid)
 
-    def _attach(self) -> socket.socket:
+    def _attach(self, confirmed: int) -> socket.socket:
+        """The helper connection, ready for a request: attach one if needed, and check the attached one.
+
+        Nothing may arrive from an attached helper between two requests. If
+        it closed the connection (it was stopped or killed while idle), no
+        request was lost: a new helper is attached in its place. Bytes that
+        nobody asked for would be taken for the next reply, so they end the
+        connection (WrongReplyError, with nothing sent).
+        """
+        if self._conn is not None:
+            stray = self._unsolicited(self._conn)
+            if stray:
+                self._fail(WrongReplyError, f"the helper sent {stray!r} without a request", None, confirmed)
+            if stray is not None:
+                assert self.helper is not None
+                log.warning("helper pid %d closed the connection while idle; attaching a new one", self.helper.pid)
+                self.detach()
         if self._conn is None:
-            self.accept(self.attach_timeout)
+            self.accept(self.attach_timeout)  # rejects any other helper waiting behind the one it takes
         else:
             self._reject_extra()
         assert self._conn is not None
         return self._conn
+
+    @staticmethod
+    def _unsolicited(conn: socket.socket) -> bytes | None:
+        """What the helper sent unasked: None if nothing, b"" if it closed the connection."""
+        poller = select.poll()
+        poller.register(conn, select.POLLIN)
+        if not poller.poll(0):
+            return None
+        try:
+            return conn.recv(16)
+        except OSError:
+            return b""  # reset: as closed
 
     def detach(self) -> None:
         """Close the connection to the helper (it exits 0); a new helper can then attach."""
@@ -314,7 +363,7 @@ class RepairServer:
                     self.switch(items[: e.confirmed], off)
                 except RepairError:
                     still = f"; {e.confirmed} sockets switched on before it are still in repair mode (no helper left)"
-                    raise type(e)(f"{e}{still}", e.uncertain, e.confirmed) from e
+                    raise type(e)(f"{e}{still}", e.uncertain, e.confirmed, helper=e.helper) from e
             raise
         try:
             yield items
@@ -322,7 +371,7 @@ class RepairServer:
             self.switch(items, off)
 
     def _send(self, batch: Batch, confirmed: int) -> None:
-        conn = self._attach()
+        conn = self._attach(confirmed)
         command = batch.command
         try:
             sent = conn.sendmsg(
@@ -330,20 +379,19 @@ class RepairServer:
                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch.fds).tobytes())],
                 socket.MSG_NOSIGNAL,
             )
-            if sent != 1:
-                raise OSError(errno.EIO, "short send")
+        except OSError as e:
+            # The kernel queues a message whole or not at all: a failed send reached no helper.
+            self._fail(HelperGoneError, f"sending to the helper failed: {_reason(e)}", None, confirmed)
+        if sent != 1:
+            self._fail(HelperGoneError, f"sending to the helper failed: {sent} bytes sent", batch, confirmed)
+        try:
             reply = conn.recv(2)
         except TimeoutError:
             self._fail(
                 RepairTimeoutError, f"no reply from the helper within {self.reply_timeout:g} s", batch, confirmed
             )
         except OSError as e:
-            self._fail(
-                HelperGoneError,
-                f"connection to the helper failed: {os.strerror(e.errno or errno.EIO)}",
-                batch,
-                confirmed,
-            )
+            self._fail(HelperGoneError, f"connection to the helper failed: {_reason(e)}", batch, confirmed)
         if not reply:
             self._fail(
                 HelperGoneError,
@@ -359,13 +407,21 @@ class RepairServer:
                 confirmed,
             )
 
-    def _fail(self, kind: type[RepairError], message: str, batch: Batch, confirmed: int) -> NoReturn:
-        self.detach()  # the connection is in doubt: never reuse it
-        raise kind(
-            f"{message}; {len(batch.fds)} sockets of command {batch.command.name} may or may not be switched",
-            batch.fds,
-            confirmed,
+    def _fail(self, kind: type[RepairError], message: str, batch: Batch | None, confirmed: int) -> NoReturn:
+        """Close the connection (it is in doubt: never reuse it) and raise `kind`.
+
+        `batch` is the request in flight, or None if none left (nothing changed).
+        """
+        helper = self.helper
+        self.detach()
+        if batch is None:
+            raise kind(f"{message}; nothing was sent, no socket changed", (), confirmed, helper=helper)
+        doubt = (
+            f"{len(batch.fds)} sockets of command {batch.command.name} may or may not be switched (see repair_state)"
         )
+        if kind is RepairTimeoutError and helper is not None:
+            doubt += f" (helper pid {helper.pid} may still be switching them until it exits)"
+        raise kind(f"{message}; {doubt}", batch.fds, confirmed, helper=helper)
 
     # -- closing -----------------------------------------------------------
 
@@ -374,11 +430,9 @@ class RepairServer:
             return
         self._listener.close()
         self._listener = None
-        try:
-            if os.stat(self.path).st_ino == self._inode:
+        if self._identity is not None and _identity(self.path) == self._identity:  # never remove a replacement
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     def close(self) -> None:
         """Close the helper connection and the listening socket, and remove the socket file we made."""
