@@ -8,7 +8,10 @@ The steps (SPEC §6); repair mode is switched by the caller between them:
   3. TCP_TIMESTAMP, if timestamps are on.
   4. Select the send queue, set its TCP_QUEUE_SEQ.
   5. Select the receive queue, set its TCP_QUEUE_SEQ.
-  6. connect() to the peer: in repair mode, no handshake.
+  6. connect() to the peer: in repair mode, no handshake. TCP_MAXSEG is set
+     for the connect to the segment size the source used and cleared after
+     it: connect() is where the kernel sizes segments, and nothing does it
+     again after the repair options.
   7. Write the received, unread bytes into the receive queue.
   8. Select the send queue, write the sent, unacknowledged bytes (they count
      as sent; the kernel retransmits them if the peer never got them).
@@ -47,6 +50,9 @@ __all__ = ["Defaults", "RestoreError", "create", "fill", "finish"]
 _U32 = struct.Struct("I")
 _WINDOW = struct.Struct("5I")
 _OPTION = struct.Struct("II")
+_TCP_MIN_MSS = 88
+_TCP_MSS_DEFAULT = 536
+_MAX_USER_MSS = 32767  # MAX_TCP_WINDOW: TCP_MAXSEG refuses more
 
 
 class RestoreError(Exception):
@@ -116,8 +122,17 @@ def fill(sock: socket.socket, state: ConnectionState, defaults: Defaults) -> Non
         step = "setsockopt(TCP_QUEUE_SEQ, receive queue)"
         set_(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_RECV_QUEUE)
         set_(k.SOL_TCP, k.TCP_QUEUE_SEQ, _U32.pack(state.rcv_seq))
+        # connect() sizes segments (mss_cache) from the MSS clamp, and nothing sizes them again
+        # after repair options change it: clamp it for the connect, then clear the user MSS.
+        segment = _segment_size(state)
+        if segment:
+            step = "setsockopt(TCP_MAXSEG) for the connect"
+            set_(k.SOL_TCP, socket.TCP_MAXSEG, segment)
         step = "connect() in repair mode"
         sock.connect(state.remote)
+        if segment:
+            step = "setsockopt(TCP_MAXSEG, 0)"
+            set_(k.SOL_TCP, socket.TCP_MAXSEG, 0)
         grown = 0
         if state.received:
             step = "writing the receive queue"
@@ -188,6 +203,20 @@ def _buffer_calls(o: SocketOptions) -> list[tuple[str, int, int, int | bytes]]:
     locks = (k.SOCK_SNDBUF_LOCK if o.sndbuf is not None else 0) | (k.SOCK_RCVBUF_LOCK if o.rcvbuf is not None else 0)
     calls.append(("SO_BUF_LOCK", socket.SOL_SOCKET, k.SO_BUF_LOCK, locks))
     return calls
+
+
+def _segment_size(state: ConnectionState) -> int:
+    """The segment size the source would use: the MSS clamp, at most half the peer's largest window.
+
+    The kernel bounds segments to half the window (tcp_bound_to_half_wnd); without that bound a
+    peer with a small window only gets bytes from the persist timer. 0 if TCP_MAXSEG cannot say it.
+    """
+    size = min(state.mss, _MAX_USER_MSS)
+    max_window = state.window.max_window
+    cutoff = max_window >> 1 if max_window > _TCP_MSS_DEFAULT else max_window
+    if cutoff:
+        size = min(size, cutoff)
+    return size if size >= _TCP_MIN_MSS else 0
 
 
 def _repair_options(state: ConnectionState) -> bytes:
