@@ -121,6 +121,7 @@ def move(socks: list[socket.socket], switcher: Switcher) -> Restored:
     frozen = checkpoint(socks, switcher)
     assert frozen.failures == []
     data = encode(frozen.states)
+    assert frozen.data == data, "the stream made while dumping is the encoding of the states"
     for s in socks:
         s.close()
     restored = restore(decode(data), switcher)
@@ -195,7 +196,7 @@ def test_move_keeps_queues_options_and_tcp_facts(
     assert st.state == TcpState.ESTABLISHED
     assert st.received == incoming
     assert st.unsent, "the peer's full window leaves bytes unsent"
-    assert outgoing[:written].endswith(st.sent + st.unsent)
+    assert outgoing[:written].endswith(bytes(st.sent) + bytes(st.unsent))
     assert st.options.nodelay
     assert (st.options.keepidle, st.options.keepintvl, st.options.keepcnt) == (31, 7, 4)
     assert st.options.congestion == "reno"
@@ -479,3 +480,21 @@ def test_direct_switcher_error_names_the_socket() -> None:
         with pytest.raises(RepairError, match=r"TCP_REPAIR, ON\) on descriptor \d+: EPERM") as caught:
             DirectSwitcher().switch([listening], Command.ON)
     assert caught.value.confirmed == 0
+
+
+def test_peek_offset_does_not_hide_bytes(switcher: Switcher, pairs: list[Pair]) -> None:
+    """An application's SO_PEEK_OFF would make the dump skip bytes: it is turned off for the dump, then put back."""
+    pair = Pair()
+    pairs.append(pair)
+    pair.peer.sendall(b"0123456789")
+    deadline = time.monotonic() + 5
+    while _inq(pair.server) < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    pair.server.setsockopt(socket.SOL_SOCKET, 42, 0)  # SO_PEEK_OFF
+    assert pair.server.recv(4, socket.MSG_PEEK) == b"0123"  # the offset moves on to 4
+    frozen = checkpoint([pair.server], switcher)
+    assert frozen.failures == []
+    assert frozen.states[0].received == b"0123456789"
+    thaw([pair.server], switcher)
+    assert pair.server.getsockopt(socket.SOL_SOCKET, 42) == 4

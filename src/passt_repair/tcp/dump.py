@@ -36,7 +36,7 @@ import struct
 from . import _linux as k
 from .state import MOVABLE_STATES, ConnectionState, RepairWindow, SocketOptions, TcpState
 
-__all__ = ["DumpError", "dump", "rcv_shutdown"]
+__all__ = ["DumpError", "Probe", "dump", "probe", "rcv_shutdown"]
 
 _U32 = struct.Struct("I")
 _INT = struct.Struct("i")
@@ -81,14 +81,116 @@ def dump(fd: int, *, rcv_shutdown: bool | None = None) -> ConnectionState:
     sockets at once; None polls this one. Raises DumpError naming the step
     that failed; the socket is unchanged then too.
     """
+    found = probe(fd, rcv_shutdown=rcv_shutdown)
+    return found.read_queues(None, None)
+
+
+class Probe:
+    """Steps 1-6 done on one socket, all but reading the queues' bytes (`read_queues`, step 4-5's peeks).
+
+    `send_len` and `recv_len` say how many bytes the queues hold, so a
+    caller can give `read_queues` room for them in a buffer of its own.
+    Until `read_queues` runs, the socket's SO_PEEK_OFF may be off.
+    """
+
+    __slots__ = (
+        "fd", "fin_in", "fin_out", "local", "mss", "notsent", "options", "peek_off", "rcv_nxt", "recv_len",
+        "remote", "scales", "send_len", "shut_rd", "state", "timestamp", "user", "window", "write_seq",
+    )  # fmt: skip
+    fd: int
+    state: TcpState
+    options: int
+    scales: int
+    mss: int
+    timestamp: int | None
+    window: tuple[int, int, int, int, int]
+    peek_off: int
+    fin_out: int
+    fin_in: int
+    send_len: int
+    notsent: int
+    write_seq: int
+    recv_len: int
+    rcv_nxt: int
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    user: SocketOptions
+    shut_rd: bool
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read_queues(self, send_into: memoryview | None, recv_into: memoryview | None) -> ConnectionState:
+        """Peek both queues (into the buffers given, of exactly their lengths, or into new bytes)."""
+        view = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, self.fd)
+        steps = _Steps()
+        try:
+            received = _peek_queue(view, self.recv_len, recv_into, "receive", steps)
+            steps.now = "setsockopt(TCP_REPAIR_QUEUE, send queue)"
+            view.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
+            send_queue = _peek_queue(view, self.send_len, send_into, "send", steps)
+            if self.peek_off != -1:
+                steps.now = "setsockopt(SO_PEEK_OFF)"
+                view.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, self.peek_off)
+        except OSError as e:
+            raise DumpError(_oserror(steps.now, e)) from None
+        finally:
+            view.detach()
+        return self._state(send_queue, received)
+
+    def _state(self, send_queue: bytes | memoryview, received: bytes | memoryview) -> ConnectionState:
+        fin_in, fin_out, scales, wscale = self.fin_in, self.fin_out, self.scales, self.options & k.TCPI_OPT_WSCALE
+        snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = self.window
+        split = len(send_queue) - self.notsent
+        return ConnectionState(
+            local=self.local,
+            remote=self.remote,
+            state=self.state,
+            snd_seq=(self.write_seq - fin_out - len(send_queue)) & 0xFFFFFFFF,
+            rcv_seq=(self.rcv_nxt - fin_in - len(received)) & 0xFFFFFFFF,
+            mss=self.mss,
+            window_scaling=bool(wscale),
+            snd_wscale=scales & 0xF if wscale else 0,
+            rcv_wscale=scales >> 4 if wscale else 0,
+            sack=bool(self.options & k.TCPI_OPT_SACK),
+            timestamp=self.timestamp,
+            # Moving rcv_wup back with the FIN keeps the right edge the peer was told (rcv_wup + rcv_wnd).
+            window=RepairWindow(
+                snd_wl1, snd_wnd, max_window, (rcv_wnd + fin_in) & 0xFFFFFFFF, (rcv_wup - fin_in) & 0xFFFFFFFF
+            ),
+            sent=send_queue[:split] if self.notsent else send_queue,
+            unsent=send_queue[split:] if self.notsent else b"",
+            received=received,
+            rcv_shutdown=bool(self.shut_rd or fin_in),
+            options=self.user,
+        )
+
+
+def _oserror(step: str, e: OSError) -> str:
+    name = errno.errorcode.get(e.errno or 0, f"errno {e.errno}")
+    return f"{step}: {name} ({os.strerror(e.errno or 0)})"
+
+
+def _peek_queue(
+    view: socket.socket, length: int, into: memoryview | None, what: str, steps: _Steps
+) -> bytes | memoryview:
+    steps.now = f"recv(MSG_PEEK) on the {what} queue"
+    if into is None:
+        return _peek(view, length, what)
+    if length and view.recv_into(into, length, _FLAGS) != length:
+        raise DumpError(f"{what} queue holds fewer bytes than the kernel counted ({length})")
+    return into.toreadonly()
+
+
+def probe(fd: int, *, rcv_shutdown: bool | None = None) -> Probe:
+    """Steps 1-6 on `fd` without the queues' bytes; DumpError naming the step that failed."""
     # AF_INET6 sizes the address buffer for both families; the kernel's reply says which it is.
     view = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, fd)
     steps = _Steps()
     try:
-        return _dump(view, fd, rcv_shutdown, steps)
+        return _probe(view, fd, rcv_shutdown, steps)
     except OSError as e:
-        name = errno.errorcode.get(e.errno or 0, f"errno {e.errno}")
-        raise DumpError(f"{steps.now}: {name} ({os.strerror(e.errno or 0)})") from None
+        raise DumpError(_oserror(steps.now, e)) from None
     finally:
         view.detach()
 
@@ -102,7 +204,8 @@ class _Steps:
         self.now = ""
 
 
-def _dump(view: socket.socket, fd: int, shut_rd: bool | None, steps: _Steps) -> ConnectionState:
+def _probe(view: socket.socket, fd: int, shut_rd: bool | None, steps: _Steps) -> Probe:
+    found = Probe(fd)
     steps.now = "getsockopt(TCP_REPAIR)"
     if not view.getsockopt(k.SOL_TCP, k.TCP_REPAIR):
         raise DumpError("socket is not in repair mode")
@@ -115,88 +218,55 @@ def _dump(view: socket.socket, fd: int, shut_rd: bool | None, steps: _Steps) -> 
         raise DumpError(f"unknown TCP state {state_no}") from None
     if state not in MOVABLE_STATES:
         raise DumpError(f"cannot move a connection in state {state.name}")
-    wscale = bool(options & k.TCPI_OPT_WSCALE)
+    found.state, found.options, found.scales = state, options, scales
 
     steps.now = "getsockopt(TCP_MAXSEG)"
-    mss = view.getsockopt(k.SOL_TCP, socket.TCP_MAXSEG)
-    timestamp = None
+    found.mss = view.getsockopt(k.SOL_TCP, socket.TCP_MAXSEG)
+    found.timestamp = None
     if options & k.TCPI_OPT_TIMESTAMPS:
         steps.now = "getsockopt(TCP_TIMESTAMP)"
-        timestamp = view.getsockopt(k.SOL_TCP, k.TCP_TIMESTAMP) & 0xFFFFFFFF
+        found.timestamp = view.getsockopt(k.SOL_TCP, k.TCP_TIMESTAMP) & 0xFFFFFFFF
 
     steps.now = "getsockopt(TCP_REPAIR_WINDOW)"
-    snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = _WINDOW.unpack(
-        view.getsockopt(k.SOL_TCP, k.TCP_REPAIR_WINDOW, _WINDOW.size)
-    )
+    found.window = _WINDOW.unpack(view.getsockopt(k.SOL_TCP, k.TCP_REPAIR_WINDOW, _WINDOW.size))
 
     steps.now = "getsockopt(SO_PEEK_OFF)"
-    peek_off = view.getsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF)
-    if peek_off != -1:
+    found.peek_off = view.getsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF)
+    if found.peek_off != -1:
         view.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, -1)
-    try:
-        fin_out = 1 if state.fin_sent else 0
-        # The FIN counts in SIOCOUTQ until acknowledged (FIN_WAIT2: it was), in SIOCOUTQNSD until sent.
-        fin_unacked = 1 if state.fin_sent and state != TcpState.FIN_WAIT2 else 0
-        steps.now = "setsockopt(TCP_REPAIR_QUEUE, send queue)"
-        view.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
-        steps.now = "ioctl(SIOCOUTQ)"
-        outq = _ioctl(fd, k.SIOCOUTQ) - fin_unacked
-        steps.now = "ioctl(SIOCOUTQNSD)"
-        notsent = _ioctl(fd, k.SIOCOUTQNSD)
-        if notsent and fin_out:
-            notsent -= 1
-        if not 0 <= notsent <= outq:
-            raise DumpError(f"send queue counts disagree: {outq} bytes unacknowledged, {notsent} not sent")
-        steps.now = "recv(MSG_PEEK) on the send queue"
-        send_queue = _peek(view, outq, "send")
-        steps.now = "getsockopt(TCP_QUEUE_SEQ, send queue)"
-        write_seq = _U32.unpack(view.getsockopt(k.SOL_TCP, k.TCP_QUEUE_SEQ, 4))[0]
+    found.fin_out = fin_out = 1 if state.fin_sent else 0
+    # The FIN counts in SIOCOUTQ until acknowledged (FIN_WAIT2: it was), in SIOCOUTQNSD until sent.
+    fin_unacked = 1 if fin_out and state != TcpState.FIN_WAIT2 else 0
+    steps.now = "setsockopt(TCP_REPAIR_QUEUE, send queue)"
+    view.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
+    steps.now = "ioctl(SIOCOUTQ)"
+    found.send_len = outq = _ioctl(fd, k.SIOCOUTQ) - fin_unacked
+    steps.now = "ioctl(SIOCOUTQNSD)"
+    notsent = _ioctl(fd, k.SIOCOUTQNSD)
+    if notsent and fin_out:
+        notsent -= 1
+    if not 0 <= notsent <= outq:
+        raise DumpError(f"send queue counts disagree: {outq} bytes unacknowledged, {notsent} not sent")
+    found.notsent = notsent
+    steps.now = "getsockopt(TCP_QUEUE_SEQ, send queue)"
+    found.write_seq = _U32.unpack(view.getsockopt(k.SOL_TCP, k.TCP_QUEUE_SEQ, 4))[0]
 
-        steps.now = "setsockopt(TCP_REPAIR_QUEUE, receive queue)"
-        view.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_RECV_QUEUE)
-        steps.now = "ioctl(SIOCINQ)"
-        inq = _ioctl(fd, k.SIOCINQ)  # the kernel leaves the peer's FIN out of this count itself
-        steps.now = "recv(MSG_PEEK) on the receive queue"
-        received = _peek(view, inq, "receive")
-        steps.now = "getsockopt(TCP_QUEUE_SEQ, receive queue)"
-        rcv_nxt = _U32.unpack(view.getsockopt(k.SOL_TCP, k.TCP_QUEUE_SEQ, 4))[0]
-    finally:
-        if peek_off != -1:
-            view.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, peek_off)
+    steps.now = "setsockopt(TCP_REPAIR_QUEUE, receive queue)"
+    view.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_RECV_QUEUE)
+    steps.now = "ioctl(SIOCINQ)"
+    found.recv_len = _ioctl(fd, k.SIOCINQ)  # the kernel leaves the peer's FIN out of this count itself
+    steps.now = "getsockopt(TCP_QUEUE_SEQ, receive queue)"
+    found.rcv_nxt = _U32.unpack(view.getsockopt(k.SOL_TCP, k.TCP_QUEUE_SEQ, 4))[0]
 
     steps.now = "getsockname()"
-    local = view.getsockname()[:2]
+    found.local = view.getsockname()[:2]
     steps.now = "getpeername()"
-    remote = view.getpeername()[:2]
-    family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
-    user = _options(view, family, steps)
-
-    fin_in = 1 if state.fin_received else 0
-    if shut_rd is None:
-        shut_rd = rcv_shutdown(fd)
-    split = len(send_queue) - notsent
-    return ConnectionState(
-        local=local,
-        remote=remote,
-        state=state,
-        snd_seq=(write_seq - fin_out - len(send_queue)) & 0xFFFFFFFF,
-        rcv_seq=(rcv_nxt - fin_in - len(received)) & 0xFFFFFFFF,
-        mss=mss,
-        window_scaling=wscale,
-        snd_wscale=scales & 0xF if wscale else 0,
-        rcv_wscale=scales >> 4 if wscale else 0,
-        sack=bool(options & k.TCPI_OPT_SACK),
-        timestamp=timestamp,
-        # Moving rcv_wup back with the FIN keeps the right edge the peer was told (rcv_wup + rcv_wnd).
-        window=RepairWindow(
-            snd_wl1, snd_wnd, max_window, (rcv_wnd + fin_in) & 0xFFFFFFFF, (rcv_wup - fin_in) & 0xFFFFFFFF
-        ),
-        sent=send_queue[:split] if notsent else send_queue,
-        unsent=send_queue[split:] if notsent else b"",
-        received=received,
-        rcv_shutdown=bool(shut_rd or fin_in),
-        options=user,
-    )
+    found.remote = view.getpeername()[:2]
+    family = socket.AF_INET6 if ":" in found.local[0] else socket.AF_INET
+    found.user = _options(view, family, steps)
+    found.fin_in = 1 if state.fin_received else 0
+    found.shut_rd = rcv_shutdown(fd) if shut_rd is None else shut_rd
+    return found
 
 
 def _options(view: socket.socket, family: socket.AddressFamily, steps: _Steps) -> SocketOptions:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import select
 import socket
@@ -46,7 +47,8 @@ from ..protocol import SOL_TCP, TCP_REPAIR, Command
 from ..server import RepairError, SocketLike
 from . import _linux as k
 from . import restore as steps
-from .dump import DumpError, dump
+from . import wire
+from .dump import DumpError, Probe, probe
 from .state import MOVABLE_STATES, ConnectionState, RecordError, TcpState, check
 
 __all__ = [
@@ -108,11 +110,16 @@ class Failure:
 
 @dataclass
 class Checkpoint:
-    """What `checkpoint` read: `states[i]` is the socket at position `indices[i]` of the list given."""
+    """What `checkpoint` read: `states[i]` is the socket at position `indices[i]` of the list given.
+
+    `data` is `encode(states)`, made while dumping: the queues were read
+    straight into their place in it, and `states` hold read-only views of it.
+    """
 
     states: list[ConnectionState] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    data: bytes | memoryview = b""
 
 
 @dataclass
@@ -179,19 +186,50 @@ def checkpoint(sockets: Sequence[SocketLike], switcher: Switcher) -> Checkpoint:
             movable.append(index)
     reason = _switch(switcher, [fds[i] for i in movable], Command.ON)
     ended = _polled_rdhup([fds[i] for i in movable])
+    probes: list[tuple[int, Probe]] = []
     for index in movable:
         fd = fds[index]
         if reason is not None and not _in_repair(fd):
             result.failures.append(Failure(index, _describe_fd(fd), f"repair mode not switched on: {reason}"))
             continue
         try:
-            state = dump(fd, rcv_shutdown=fd in ended)
+            probes.append((index, probe(fd, rcv_shutdown=fd in ended)))
         except DumpError as e:
             result.failures.append(Failure(index, _describe_fd(fd), str(e)))
-            continue
-        result.states.append(state)
-        result.indices.append(index)
+    _read_into_stream(probes, result)
     return result
+
+
+def _read_into_stream(probes: list[tuple[int, Probe]], result: Checkpoint) -> None:
+    """Peek every queue straight into its place in one buffer laid out as the encoded stream."""
+    heads = [wire.head_size(p.local[0], p.user.congestion) for _, p in probes]
+    total = len(wire.header(0)) + sum(h + p.send_len + p.recv_len for h, (_, p) in zip(heads, probes, strict=True))
+    stream = memoryview(_buffer(total))
+    offset = len(wire.header(0))
+    whole = True
+    for head, (index, found) in zip(heads, probes, strict=True):
+        start, sent_end = offset + head, offset + head + found.send_len
+        end = sent_end + found.recv_len
+        try:
+            state = found.read_queues(stream[start:sent_end], stream[sent_end:end])
+            stream[offset:start] = wire.record_head(state, len(result.states))
+        except (DumpError, RecordError) as e:
+            result.failures.append(Failure(index, _describe_fd(found.fd), str(e)))
+            whole = False
+        else:
+            result.states.append(state)
+            result.indices.append(index)
+        offset = end
+    if whole:
+        stream[: len(wire.header(0))] = wire.header(len(result.states))
+        result.data = stream.toreadonly()
+    else:  # a record is missing from the buffer: make the stream again from what was read
+        result.data = wire.encode(result.states)
+
+
+def _buffer(size: int) -> mmap.mmap:
+    """Anonymous memory for `size` bytes, its own mapping: freed whole when the last view of it goes."""
+    return mmap.mmap(-1, max(size, 1))
 
 
 def _unmovable(fd: int) -> str | None:

@@ -230,7 +230,7 @@ def _repair_options(state: ConnectionState) -> bytes:
     return opts
 
 
-def _write_queue(sock: socket.socket, data: bytes, bufopt: int, lock: int) -> int:
+def _write_queue(sock: socket.socket, data: bytes | memoryview, bufopt: int, lock: int) -> int:
     """Write `data` into the selected queue; raise its buffer once if it is full. Return the lock bit if raised."""
     view = memoryview(data)
     grown = 0

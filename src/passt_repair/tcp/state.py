@@ -9,7 +9,6 @@ includes a FIN: the state says which FINs were sent and received.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import socket
 from dataclasses import dataclass, field
 
@@ -117,7 +116,9 @@ class ConnectionState:
     announced MSS, or TCP_MAXSEG if set lower). Window scales are 0 when
     `window_scaling` is off. `timestamp` is the current RFC 7323
         timestamp value, None when the connection does not use timestamps.
-        `rcv_shutdown`: reading has ended (the peer's FIN arrived, or the
+        The queues are bytes, or read-only views into a decoded stream
+    (`decode(data, copy=False)`), which then stays alive with them.
+    `rcv_shutdown`: reading has ended (the peer's FIN arrived, or the
         application shut down reading); the new socket then reads `received` and
         after it end of file.
     """
@@ -134,9 +135,9 @@ class ConnectionState:
     sack: bool
     timestamp: int | None
     window: RepairWindow
-    sent: bytes = b""
-    unsent: bytes = b""
-    received: bytes = b""
+    sent: bytes | memoryview = b""
+    unsent: bytes | memoryview = b""
+    received: bytes | memoryview = b""
     rcv_shutdown: bool = False
     options: SocketOptions = field(default_factory=SocketOptions)
 
@@ -157,11 +158,7 @@ class ConnectionState:
 
 def _endpoint(addr: tuple[str, int]) -> str:
     host, port = addr
-    try:
-        version = ipaddress.ip_address(host).version
-    except ValueError:
-        version = 4
-    return f"[{host}]:{port}" if version == 6 else f"{host}:{port}"
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 class RecordError(ValueError):
@@ -183,15 +180,20 @@ def _after(a: int, b: int) -> bool:
     return 0 < ((a - b) & 0xFFFFFFFF) < 0x80000000
 
 
-def _check_address(what: str, addr: tuple[str, int], version: int) -> None:
+def _check_address(what: str, addr: tuple[str, int], family: socket.AddressFamily) -> None:
     host, port = addr
     try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise RecordError(f"{what} address {host!r} is not an IP address") from None
-    if ip.version != version:
-        raise RecordError(f"{what} address {host} is IPv{ip.version}, the other end IPv{version}")
-    if ip.is_unspecified or ip.is_multicast:
+        packed = socket.inet_pton(family, host)
+    except (OSError, TypeError, ValueError):
+        other = socket.AF_INET if family == socket.AF_INET6 else socket.AF_INET6
+        try:
+            socket.inet_pton(other, host)
+        except (OSError, TypeError, ValueError):
+            raise RecordError(f"{what} address {host!r} is not an IP address") from None
+        versions = ("IPv6", "IPv4") if family == socket.AF_INET else ("IPv4", "IPv6")
+        raise RecordError(f"{what} address {host} is {versions[0]}, the other end {versions[1]}") from None
+    multicast = packed[0] == 0xFF if family == socket.AF_INET6 else 224 <= packed[0] <= 239
+    if multicast or not any(packed):
         raise RecordError(f"{what} address {host} cannot be one end of a TCP connection")
     if not 0 < port < 65536:
         raise RecordError(f"{what} port {port} is out of range (1-65535)")
@@ -208,9 +210,9 @@ def check(state: ConnectionState) -> None:
     if not isinstance(state.state, TcpState) or state.state not in MOVABLE_STATES:
         name = state.state.name if isinstance(state.state, TcpState) else repr(state.state)
         raise RecordError(f"state {name} cannot be moved (movable: ESTABLISHED and the closing states)")
-    version = 6 if ":" in state.local[0] else 4
-    _check_address("local", state.local, version)
-    _check_address("remote", state.remote, version)
+    family = socket.AF_INET6 if ":" in state.local[0] else socket.AF_INET
+    _check_address("local", state.local, family)
+    _check_address("remote", state.remote, family)
     for name in ("snd_seq", "rcv_seq"):
         if not 0 <= getattr(state, name) <= 0xFFFFFFFF:
             raise RecordError(f"{name} {getattr(state, name)} is not a 32-bit sequence number")

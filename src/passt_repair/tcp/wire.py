@@ -66,37 +66,60 @@ def _flags(s: ConnectionState) -> int:
 
 def encode(states: Sequence[ConnectionState]) -> bytes:
     """The stream for `states`; RecordError if one of them is not a valid connection."""
-    parts: list[bytes] = [_HEADER.pack(MAGIC, VERSION, 0, len(states))]
+    parts: list[bytes | memoryview] = [header(len(states))]
     for index, s in enumerate(states):
-        try:
-            check(s)
-        except RecordError as e:
-            raise RecordError(f"record {index} ({s.describe()}): {e}") from None
-        version = 6 if ":" in s.local[0] else 4
-        family = socket.AF_INET6 if version == 6 else socket.AF_INET
-        fixed = _FIXED_BY_FAMILY[version]
-        name = s.options.congestion.encode("ascii")
-        w, o = s.window, s.options
-        length = fixed.size - 4 + len(name) + len(s.sent) + len(s.unsent) + len(s.received)
-        # fmt: off
-        parts.append(fixed.pack(
-            length, version, s.state, _flags(s),
-            socket.inet_pton(family, s.local[0]), s.local[1],
-            socket.inet_pton(family, s.remote[0]), s.remote[1],
-            s.snd_seq, s.rcv_seq, s.mss, s.snd_wscale, s.rcv_wscale, s.timestamp or 0,
-            w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup,
-            o.keepidle, o.keepintvl, o.keepcnt, o.user_timeout, o.tos, o.mark,
-            o.sndbuf or 0, o.rcvbuf or 0,
-            len(name), len(s.sent), len(s.unsent), len(s.received),
-        ))
-        # fmt: on
-        parts += (name, s.sent, s.unsent, s.received)
+        parts.append(record_head(s, index))
+        parts += (s.sent, s.unsent, s.received)
     return b"".join(parts)
 
 
-def decode(data: bytes | bytearray | memoryview) -> list[ConnectionState]:
-    """The states in `data`, all of them, or RecordError for the first fault found."""
-    view = memoryview(data).cast("B")
+def header(count: int) -> bytes:
+    """The stream header for `count` records."""
+    return _HEADER.pack(MAGIC, VERSION, 0, count)
+
+
+def head_size(local: str, congestion: str) -> int:
+    """How many bytes of a record come before its queues (length word included)."""
+    return _FIXED_BY_FAMILY[6 if ":" in local else 4].size + len(congestion)
+
+
+def record_head(s: ConnectionState, index: int = 0) -> bytes:
+    """A record up to its queues: length word, fixed part, congestion name. RecordError if `s` is invalid.
+
+    The queues follow it in the stream: sent, unsent, received.
+    """
+    try:
+        check(s)
+    except RecordError as e:
+        raise RecordError(f"record {index} ({s.describe()}): {e}") from None
+    version = 6 if ":" in s.local[0] else 4
+    family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    fixed = _FIXED_BY_FAMILY[version]
+    name = s.options.congestion.encode("ascii")
+    w, o = s.window, s.options
+    length = fixed.size - 4 + len(name) + len(s.sent) + len(s.unsent) + len(s.received)
+    # fmt: off
+    return fixed.pack(
+        length, version, s.state, _flags(s),
+        socket.inet_pton(family, s.local[0]), s.local[1],
+        socket.inet_pton(family, s.remote[0]), s.remote[1],
+        s.snd_seq, s.rcv_seq, s.mss, s.snd_wscale, s.rcv_wscale, s.timestamp or 0,
+        w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup,
+        o.keepidle, o.keepintvl, o.keepcnt, o.user_timeout, o.tos, o.mark,
+        o.sndbuf or 0, o.rcvbuf or 0,
+        len(name), len(s.sent), len(s.unsent), len(s.received),
+    ) + name
+    # fmt: on
+
+
+def decode(data: bytes | bytearray | memoryview, *, copy: bool = True) -> list[ConnectionState]:
+    """The states in `data`, all of them, or RecordError for the first fault found.
+
+    With `copy=False` the queues are read-only views into `data` instead of
+    copies: no second copy of every queued byte. `data` must then not change
+    while the states are in use.
+    """
+    view = memoryview(data).cast("B").toreadonly()
     if len(view) < _HEADER.size:
         raise RecordError(f"truncated: {len(view)} bytes, a stream starts with a {_HEADER.size}-byte header")
     magic, version, reserved, count = _HEADER.unpack_from(view)
@@ -112,7 +135,7 @@ def decode(data: bytes | bytearray | memoryview) -> list[ConnectionState]:
         if offset == len(view):
             raise RecordError(f"truncated: the header announces {count} records, the stream holds {index}")
         try:
-            state, offset = _decode_record(view, offset)
+            state, offset = _decode_record(view, offset, copy)
         except RecordError as e:
             raise RecordError(f"record {index}: {e}") from None
         states.append(state)
@@ -121,7 +144,7 @@ def decode(data: bytes | bytearray | memoryview) -> list[ConnectionState]:
     return states
 
 
-def _decode_record(view: memoryview, offset: int) -> tuple[ConnectionState, int]:
+def _decode_record(view: memoryview, offset: int, copy: bool) -> tuple[ConnectionState, int]:
     left = len(view) - offset
     if left < _FAMILY_AT + 1:
         raise RecordError(f"truncated: {left} bytes left, a record needs more")
@@ -159,11 +182,12 @@ def _decode_record(view: memoryview, offset: int) -> tuple[ConnectionState, int]
     except UnicodeDecodeError:
         raise RecordError("congestion control name is not ASCII") from None
     pos += name_len
-    sent = bytes(view[pos : pos + sent_len])
+    take = bytes if copy else memoryview
+    sent = take(view[pos : pos + sent_len])
     pos += sent_len
-    unsent = bytes(view[pos : pos + unsent_len])
+    unsent = take(view[pos : pos + unsent_len])
     pos += unsent_len
-    received = bytes(view[pos : pos + received_len])
+    received = take(view[pos : pos + received_len])
     pos += received_len
     family = socket.AF_INET6 if version == 6 else socket.AF_INET
     result = ConnectionState(
