@@ -498,3 +498,23 @@ def test_peek_offset_does_not_hide_bytes(switcher: Switcher, pairs: list[Pair]) 
     assert frozen.states[0].received == b"0123456789"
     thaw([pair.server], switcher)
     assert pair.server.getsockopt(socket.SOL_SOCKET, 42) == 4
+
+
+def test_checkpoint_lays_the_stream_out_in_a_given_buffer(switcher: Switcher, pairs: list[Pair]) -> None:
+    """A buffer big enough holds the stream (and is reused); one too small is left alone."""
+    pairs.extend(Pair() for _ in range(2))
+    for p in pairs:
+        p.peer.sendall(b"queued")
+    deadline = time.monotonic() + 5
+    while any(_inq(p.server) < 6 for p in pairs):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    big, small = bytearray(4096), bytearray(16)
+    frozen = checkpoint([pairs[0].server], switcher, buffer=big)
+    assert bytes(frozen.data) == encode(frozen.states)
+    assert big.startswith(bytes(frozen.data))
+    assert frozen.states[0].received == b"queued"
+    other = checkpoint([pairs[1].server], switcher, buffer=small)
+    assert bytes(other.data) == encode(other.states)
+    assert small == bytearray(16)
+    thaw([p.server for p in pairs], switcher)

@@ -166,13 +166,21 @@ def _polled_rdhup(fds: Sequence[int]) -> set[int]:
     return {fd for fd, events in poller.poll(0) if events & k.POLLRDHUP}
 
 
-def checkpoint(sockets: Sequence[SocketLike], switcher: Switcher) -> Checkpoint:
+def checkpoint(
+    sockets: Sequence[SocketLike], switcher: Switcher, *, buffer: mmap.mmap | bytearray | None = None
+) -> Checkpoint:
     """Freeze `sockets` in repair mode and read each connection's state.
 
     The sockets stay in repair mode: close them when the move is done (that
     sends nothing), or `thaw` them to carry on here. A socket that could not
     be switched or read is in `failures` (still in repair mode if the switch
     reached it); the others are in `states`.
+
+    The encoded stream (`data`) is laid out in `buffer` if it is big enough
+    (a caller moving connections in rounds can reuse one and spare the page
+    faults of fresh memory), else in a new mapping. The states and `data`
+    are views of it: do not reuse it until they are done with, `resume`
+    included.
     """
     fds = [_fd(s) for s in sockets]
     result = Checkpoint()
@@ -196,15 +204,17 @@ def checkpoint(sockets: Sequence[SocketLike], switcher: Switcher) -> Checkpoint:
             probes.append((index, probe(fd, rcv_shutdown=fd in ended)))
         except DumpError as e:
             result.failures.append(Failure(index, _describe_fd(fd), str(e)))
-    _read_into_stream(probes, result)
+    _read_into_stream(probes, result, buffer)
     return result
 
 
-def _read_into_stream(probes: list[tuple[int, Probe]], result: Checkpoint) -> None:
+def _read_into_stream(
+    probes: list[tuple[int, Probe]], result: Checkpoint, buffer: mmap.mmap | bytearray | None
+) -> None:
     """Peek every queue straight into its place in one buffer laid out as the encoded stream."""
     heads = [wire.head_size(p.local[0], p.user.congestion) for _, p in probes]
     total = len(wire.header(0)) + sum(h + p.send_len + p.recv_len for h, (_, p) in zip(heads, probes, strict=True))
-    stream = memoryview(_buffer(total))
+    stream = memoryview(buffer)[:total] if buffer is not None and len(buffer) >= total else memoryview(_buffer(total))
     offset = len(wire.header(0))
     whole = True
     for head, (index, found) in zip(heads, probes, strict=True):
