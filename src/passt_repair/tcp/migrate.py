@@ -1,0 +1,353 @@
+"""Checkpoint and restore many connections, switching repair mode in batches.
+
+On the source:
+
+ 1. Stop receiving for the service address (remove it, or drop its traffic):
+    a socket in repair mode still acknowledges what arrives, and what
+    arrives after the dump would be lost (SPEC §7).
+ 2. `checkpoint(sockets, switcher)`: repair mode on (in batches of 253
+    through the helper), then each socket dumped. The sockets stay frozen
+    in repair mode; close them once the address is gone (closing a socket
+    in repair mode sends nothing). `thaw` instead gives them back to the
+    source if the move is called off.
+ 3. `wire.encode(checkpoint.states)` and send the bytes to the target.
+
+On the target:
+
+ 4. With the target cut off from the network and the address already on
+    it: `restore(wire.decode(data), switcher)` makes each socket, switches
+    them to repair mode in batches, and fills them (`restore.fill`).
+ 5. Reattach the target and announce the address (gratuitous ARP, an
+    unsolicited neighbour advertisement).
+ 6. `resume(restored, switcher)`: repair mode off in batches (the kernel
+    sends each peer a window probe), then the unsent bytes and the FINs.
+
+A switcher is anything with `switch(sockets, command)`: a connected
+`RepairServer` (no privilege needed here; the helper has it), or
+`DirectSwitcher` when this process holds CAP_NET_ADMIN itself. One
+connection that fails is reported in `failures` and the others go on; a
+connection that failed on the target is closed there, and the peer sees a
+reset, never a half-made socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import select
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..protocol import SOL_TCP, TCP_REPAIR, Command
+from ..server import RepairError, SocketLike
+from . import _linux as k
+from . import restore as steps
+from . import wire
+from .dump import DumpError, Probe, probe
+from .state import MOVABLE_STATES, ConnectionState, RecordError, TcpState, check
+
+__all__ = [
+    "Checkpoint",
+    "DirectSwitcher",
+    "Failure",
+    "Restored",
+    "Switcher",
+    "checkpoint",
+    "restore",
+    "resume",
+    "thaw",
+]
+
+
+class Switcher(Protocol):
+    """Sets TCP_REPAIR on sockets: RepairServer (through the helper) or DirectSwitcher."""
+
+    def switch(self, sockets: Iterable[SocketLike], command: Command) -> None: ...
+
+
+class DirectSwitcher:
+    """Switch repair mode in this process, which must hold CAP_NET_ADMIN.
+
+    Fails the way RepairServer does: RepairError at the first socket that
+    cannot be switched, with the sockets before it switched (`confirmed`).
+    """
+
+    def switch(self, sockets: Iterable[SocketLike], command: Command) -> None:
+        value = int(Command(command))
+        for done, sock in enumerate(sockets):
+            fd = sock if isinstance(sock, int) else sock.fileno()
+            view = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+            try:
+                view.setsockopt(SOL_TCP, TCP_REPAIR, value)
+            except OSError as e:
+                name = errno.errorcode.get(e.errno or 0, f"errno {e.errno}")
+                raise RepairError(
+                    f"setsockopt(TCP_REPAIR, {Command(command).name}) on descriptor {fd}: "
+                    f"{name} ({os.strerror(e.errno or 0)})",
+                    (),
+                    done,
+                ) from None
+            finally:
+                view.detach()
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One connection that did not move: its position in the caller's list, what it was, and why."""
+
+    index: int
+    connection: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"connection {self.index} ({self.connection}): {self.reason}"
+
+
+@dataclass
+class Checkpoint:
+    """What `checkpoint` read: `states[i]` is the socket at position `indices[i]` of the list given.
+
+    `data` is `encode(states)`, made while dumping: the queues were read
+    straight into their place in it, and `states` hold read-only views of it.
+    """
+
+    states: list[ConnectionState] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    data: bytes | memoryview = b""
+
+
+@dataclass
+class Restored:
+    """New sockets from `restore`: `sockets[i]` continues `states[i]`, or is None if it failed."""
+
+    states: list[ConnectionState]
+    sockets: list[socket.socket | None]
+    failures: list[Failure] = field(default_factory=list)
+
+    def live(self) -> list[tuple[ConnectionState, socket.socket]]:
+        """The states and sockets that have not failed."""
+        return [(st, s) for st, s in zip(self.states, self.sockets, strict=True) if s is not None]
+
+
+def _fd(sock: SocketLike) -> int:
+    return sock if isinstance(sock, int) else sock.fileno()
+
+
+def _in_repair(fd: int) -> bool:
+    view = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    try:
+        return bool(view.getsockopt(SOL_TCP, TCP_REPAIR))
+    except OSError:
+        return False
+    finally:
+        view.detach()
+
+
+def _switch(switcher: Switcher, fds: Sequence[int], command: Command) -> str | None:
+    """Switch all `fds`; on failure return the reason (each socket's state then tells what happened)."""
+    try:
+        switcher.switch(fds, command)
+    except RepairError as e:
+        return str(e)
+    return None
+
+
+def _polled_rdhup(fds: Sequence[int]) -> set[int]:
+    """The descriptors whose reading has ended (POLLRDHUP), in one poll() for all."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, k.POLLRDHUP)
+    return {fd for fd, events in poller.poll(0) if events & k.POLLRDHUP}
+
+
+def checkpoint(
+    sockets: Sequence[SocketLike], switcher: Switcher, *, buffer: mmap.mmap | bytearray | None = None
+) -> Checkpoint:
+    """Freeze `sockets` in repair mode and read each connection's state.
+
+    The sockets stay in repair mode: close them when the move is done (that
+    sends nothing), or `thaw` them to carry on here. A socket that could not
+    be switched or read is in `failures` (still in repair mode if the switch
+    reached it); the others are in `states`.
+
+    The encoded stream (`data`) is laid out in `buffer` if it is big enough
+    (a caller moving connections in rounds can reuse one and spare the page
+    faults of fresh memory), else in a new mapping. The states and `data`
+    are views of it: do not reuse it until they are done with, `resume`
+    included.
+    """
+    fds = [_fd(s) for s in sockets]
+    result = Checkpoint()
+    # A socket the helper would refuse (not TCP, listening) fails its whole batch: leave such ones out.
+    movable: list[int] = []
+    for index, fd in enumerate(fds):
+        unmovable = _unmovable(fd)
+        if unmovable:
+            result.failures.append(Failure(index, _describe_fd(fd), unmovable))
+        else:
+            movable.append(index)
+    reason = _switch(switcher, [fds[i] for i in movable], Command.ON)
+    ended = _polled_rdhup([fds[i] for i in movable])
+    probes: list[tuple[int, Probe]] = []
+    for index in movable:
+        fd = fds[index]
+        if reason is not None and not _in_repair(fd):
+            result.failures.append(Failure(index, _describe_fd(fd), f"repair mode not switched on: {reason}"))
+            continue
+        try:
+            probes.append((index, probe(fd, rcv_shutdown=fd in ended)))
+        except DumpError as e:
+            result.failures.append(Failure(index, _describe_fd(fd), str(e)))
+    _read_into_stream(probes, result, buffer)
+    return result
+
+
+def _read_into_stream(
+    probes: list[tuple[int, Probe]], result: Checkpoint, buffer: mmap.mmap | bytearray | None
+) -> None:
+    """Peek every queue straight into its place in one buffer laid out as the encoded stream."""
+    heads = [wire.head_size(p.local[0], p.user.congestion) for _, p in probes]
+    total = len(wire.header(0)) + sum(h + p.send_len + p.recv_len for h, (_, p) in zip(heads, probes, strict=True))
+    stream = memoryview(buffer)[:total] if buffer is not None and len(buffer) >= total else memoryview(_buffer(total))
+    offset = len(wire.header(0))
+    whole = True
+    for head, (index, found) in zip(heads, probes, strict=True):
+        start, sent_end = offset + head, offset + head + found.send_len
+        end = sent_end + found.recv_len
+        try:
+            state = found.read_queues(stream[start:sent_end], stream[sent_end:end])
+            stream[offset:start] = wire.record_head(state, len(result.states))
+        except (DumpError, RecordError) as e:
+            result.failures.append(Failure(index, _describe_fd(found.fd), str(e)))
+            whole = False
+        else:
+            result.states.append(state)
+            result.indices.append(index)
+        offset = end
+    if whole:
+        stream[: len(wire.header(0))] = wire.header(len(result.states))
+        result.data = stream.toreadonly()
+    else:  # a record is missing from the buffer: make the stream again from what was read
+        result.data = wire.encode(result.states)
+
+
+def _buffer(size: int) -> mmap.mmap:
+    """Anonymous memory for `size` bytes, its own mapping: freed whole when the last view of it goes."""
+    return mmap.mmap(-1, max(size, 1))
+
+
+def _unmovable(fd: int) -> str | None:
+    """Why the socket on `fd` cannot move, read without privilege; None if it can."""
+    view = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    try:
+        state = view.getsockopt(SOL_TCP, k.TCP_INFO, 1)[0]
+    except OSError as e:
+        name = errno.errorcode.get(e.errno or 0, f"errno {e.errno}")
+        return f"not a TCP socket (getsockopt(TCP_INFO): {name})"
+    finally:
+        view.detach()
+    if state in MOVABLE_STATES:
+        return None
+    try:
+        label = TcpState(state).name
+    except ValueError:
+        label = str(state)
+    return f"cannot move a connection in state {label}"
+
+
+def _describe_fd(fd: int) -> str:
+    view = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, fd)
+    try:
+        local, remote = view.getsockname()[:2], view.getpeername()[:2]
+    except OSError:
+        return f"descriptor {fd}"
+    finally:
+        view.detach()
+    return f"{local[0]}:{local[1]} -> {remote[0]}:{remote[1]}"
+
+
+def thaw(sockets: Sequence[SocketLike], switcher: Switcher) -> None:
+    """Call a move off: switch repair mode off on the source's frozen sockets; they carry on here."""
+    switcher.switch([_fd(s) for s in sockets], Command.OFF)
+
+
+def restore(states: Sequence[ConnectionState], switcher: Switcher) -> Restored:
+    """Make a socket for every state, frozen in repair mode until `resume`.
+
+    Every state is checked before any socket is made: a broken record
+    raises RecordError and nothing is created. The local addresses must
+    exist here (connect() in repair mode needs them), and the peers should
+    not reach this host yet (SPEC §7). A connection that fails is closed
+    (in repair mode, silently) and reported; the others go on.
+    """
+    for index, state in enumerate(states):
+        try:
+            check(state)
+        except RecordError as e:
+            raise RecordError(f"record {index} ({state.describe()}): {e}") from None
+    result = Restored(list(states), [None] * len(states))
+    made: list[int] = []
+    for index, state in enumerate(states):
+        try:
+            result.sockets[index] = steps.create(state)
+            made.append(index)
+        except steps.RestoreError as e:
+            _fail(result, index, str(e), reset=False)
+    reason = _switch(switcher, [_sock(result, i).fileno() for i in made], Command.ON)
+    defaults: dict[socket.AddressFamily, steps.Defaults] = {}
+    for index in made:
+        sock, state = _sock(result, index), states[index]
+        if reason is not None and not _in_repair(sock.fileno()):
+            _fail(result, index, f"repair mode not switched on: {reason}", reset=False)
+            continue
+        family_defaults = defaults.get(state.family)
+        if family_defaults is None:
+            family_defaults = defaults[state.family] = steps.Defaults(state.family)
+        try:
+            steps.fill(sock, state, family_defaults)
+        except steps.RestoreError as e:
+            _fail(result, index, str(e), reset=False)
+    return result
+
+
+def resume(restored: Restored, switcher: Switcher) -> None:
+    """Bring the restored sockets to life: repair mode off, then unsent bytes and FINs.
+
+    Call it once the target is reachable again. A connection that fails now
+    is reset (RST to the peer) and closed, and added to `restored.failures`.
+    """
+    live = [i for i, s in enumerate(restored.sockets) if s is not None]
+    reason = _switch(switcher, [_sock(restored, i).fileno() for i in live], Command.OFF)
+    for index in live:
+        sock = _sock(restored, index)
+        if reason is not None and _in_repair(sock.fileno()):
+            _fail(restored, index, f"repair mode not switched off: {reason}", reset=False)
+            continue
+        try:
+            steps.finish(sock, restored.states[index])
+        except steps.RestoreError as e:
+            _fail(restored, index, str(e), reset=True)
+
+
+def _sock(restored: Restored, index: int) -> socket.socket:
+    sock = restored.sockets[index]
+    assert sock is not None
+    return sock
+
+
+def _fail(restored: Restored, index: int, reason: str, *, reset: bool) -> None:
+    """Record the failure and close the socket: with an RST if it is live, silently if in repair mode."""
+    sock = restored.sockets[index]
+    if sock is not None:
+        if reset:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        restored.sockets[index] = None
+    restored.failures.append(Failure(index, restored.states[index].describe(), reason))
