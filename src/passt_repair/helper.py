@@ -62,6 +62,13 @@ def _oserror(what: str, e: OSError) -> str:
 
 Log = Callable[[str], None]
 
+TYPE_CHECKING = False  # typing costs the helper ~10 ms at start-up; mypy alone needs it
+if TYPE_CHECKING:
+    from typing import Literal, TypeAlias
+
+    #: The uid the server must run as: a number, "owner" (the socket file's owner), or None for any.
+    PeerUid: TypeAlias = int | Literal["owner"] | None
+
 
 # ---------------------------------------------------------------------------
 # Stopping on SIGTERM and SIGINT
@@ -99,12 +106,14 @@ _stop = _StopSignals()
 # Finding and connecting to the server
 
 
-def connect(path: str, log: Log) -> socket.socket:
+def connect(path: str, log: Log) -> tuple[socket.socket, int]:
     """Connect to the server's socket at `path`, or wait for one if `path` is a directory.
 
-    #syscalls: stat socket connect inotify_init1 inotify_add_watch read select getdents64
+    #syscalls before the filter: stat lstat socket connect inotify_init1 inotify_add_watch read select getdents64
+    Returns the connection and the uid that owns the socket file connected to.
     Raises UsageError for a path too long for sun_path or one that is neither a
-    socket nor a directory, HelperError for any other failure, Stopped on a signal.
+    socket nor a directory, HelperError for any other failure (a symbolic link
+    in a directory included), Stopped on a signal.
     """
     try:
         st = os.stat(path)
@@ -116,7 +125,7 @@ def connect(path: str, log: Log) -> socket.socket:
         raise UsageError(f"{path} is not a socket or a directory")
     _check_length(path)
     try:
-        return _connect_once(path)
+        return _connect_once(path, in_directory=False)
     except OSError as e:
         raise HelperError(_oserror(f"connect {path}", e)) from None
 
@@ -126,7 +135,16 @@ def _check_length(path: str) -> None:
         raise UsageError(f"socket path too long ({len(os.fsencode(path))} bytes, at most {SUN_PATH_MAX}): {path}")
 
 
-def _connect_once(path: str) -> socket.socket:
+def _connect_once(path: str, in_directory: bool) -> tuple[socket.socket, int]:
+    """Connect to the socket file at `path`; return the connection and the file's owner.
+
+    In a directory the name must not be a symbolic link. The file is looked at
+    just before connect(): whoever could swap it in between could as well put
+    a socket of their own there, so only the server may write to the directory.
+    """
+    st = os.lstat(path) if in_directory else os.stat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise HelperError(f"{path} is a symbolic link: refusing it")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         _stop.waiting = True
@@ -136,10 +154,10 @@ def _connect_once(path: str) -> socket.socket:
         raise
     finally:
         _stop.waiting = False
-    return sock
+    return sock, st.st_uid
 
 
-def _connect_in_directory(directory: str, log: Log) -> socket.socket:
+def _connect_in_directory(directory: str, log: Log) -> tuple[socket.socket, int]:
     """Wait for a socket named *.repair in `directory` and connect to it.
 
     The watch is set up before the directory is read, so a socket created in
@@ -157,13 +175,11 @@ def _connect_in_directory(directory: str, log: Log) -> socket.socket:
             if candidate is not None:
                 _check_length(candidate)
                 try:
-                    sock = _connect_once(candidate)
+                    return _connect_once(candidate, in_directory=True)
                 except (ConnectionRefusedError, FileNotFoundError):
                     pass  # not listening yet, or gone again: keep waiting
                 except OSError as e:
                     raise HelperError(_oserror(f"connect {candidate}", e)) from None
-                else:
-                    return sock
             names = watch.wait(delay if candidate is not None else None)
             if names:
                 found = _newest_repair_socket(directory, names)
@@ -176,7 +192,11 @@ def _connect_in_directory(directory: str, log: Log) -> socket.socket:
 
 
 def _newest_repair_socket(directory: str, names: Sequence[str]) -> str | None:
-    """The most recently changed socket among `names` that ends in .repair, as a path."""
+    """The most recently changed socket among `names` that ends in .repair, as a path.
+
+    Raises HelperError for a .repair entry that is a symbolic link: it could
+    lead the helper, with its privileges, to a socket elsewhere.
+    """
     best: tuple[int, str] | None = None
     for name in names:
         if not name.endswith(".repair"):
@@ -186,6 +206,8 @@ def _newest_repair_socket(directory: str, names: Sequence[str]) -> str | None:
             st = os.lstat(path)
         except FileNotFoundError:
             continue
+        if stat.S_ISLNK(st.st_mode):
+            raise HelperError(f"{path} is a symbolic link: refusing it")
         if stat.S_ISSOCK(st.st_mode) and (best is None or st.st_mtime_ns > best[0]):
             best = (st.st_mtime_ns, path)
     return best[1] if best else None
@@ -242,7 +264,7 @@ class _Inotify:
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end (SO_PEERCRED). #syscalls: getsockopt"""
+    """(pid, uid, gid) of the process at the other end (SO_PEERCRED). #syscalls before the filter: getsockopt"""
     pid, uid, gid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     return pid, uid, gid
 
@@ -270,6 +292,7 @@ class _SocketTable:
     def views(self, fds: Sequence[int]) -> tuple[list[socket.socket], bool]:
         """Objects for `fds`, and whether they belong to the table (else release them after use).
 
+        #syscalls: getsockname getsockopt
         Raises OSError (ENOTSOCK) if a descriptor is not a socket.
         """
         n = len(fds)
@@ -446,7 +469,7 @@ def _first_unreadable(views: Sequence[socket.socket]) -> int:
 
 
 def _apply(table: _SocketTable, fds: list[int], command: int) -> None:
-    """Switch the message's sockets, or raise HelperError naming the one that failed."""
+    """Switch the message's sockets, or raise HelperError naming the one that failed. #syscalls: newfstatat"""
     what = f"command {_NAMES[command]} on {len(fds)} descriptors"
     try:
         views, kept = table.views(fds)
@@ -470,16 +493,35 @@ def _apply(table: _SocketTable, fds: list[int], command: int) -> None:
             table.release(views)
 
 
-def run(path: str, log: Log, debug: Log | None = None) -> None:
-    """Connect to `path` and serve until the server closes the connection or a signal stops us."""
+def run(
+    path: str,
+    log: Log,
+    debug: Log | None = None,
+    *,
+    peer_uid: PeerUid = None,
+    confine: Callable[[], None] | None = None,
+) -> None:
+    """Connect to `path` and serve until the server closes the connection or a signal stops us.
+
+    #syscalls before the filter: getpeername
+    A server whose uid is not `peer_uid` (with "owner": not the socket file's
+    owner) is refused with HelperError. `confine` runs once connected and
+    checked, before the first message is read.
+    """
     _stop.install()
     try:
-        conn = connect(path, log)
+        conn, owner = connect(path, log)
     except Stopped:
         return
     with conn:
         pid, uid, gid = peer_credentials(conn)
         log(f"connected to {conn.getpeername() or path}: server pid {pid}, uid {uid}, gid {gid}")
+        expected = owner if isinstance(peer_uid, str) else peer_uid
+        if expected is not None and uid != expected:
+            whose = f"the socket file's owner {expected}" if isinstance(peer_uid, str) else str(expected)
+            raise HelperError(f"server pid {pid} runs as uid {uid}, not {whose} (--peer-uid): refusing it")
+        if confine is not None:
+            confine()
         try:
             serve(conn, log, debug)
         except Stopped:
@@ -487,7 +529,7 @@ def run(path: str, log: Log, debug: Log | None = None) -> None:
 
 
 def stderr_log(message: str) -> None:
-    """Write one line to stderr, unbuffered."""
+    """Write one line to stderr, unbuffered. #syscalls: write"""
     os.write(2, f"passt-repair: {message}\n".encode(errors="replace"))
 
 
