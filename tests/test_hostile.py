@@ -770,11 +770,6 @@ def test_hostile_server(tmp_path: Path) -> None:
             assert outcome in reached, f"no case ended with {outcome!r}: {reached}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="helper bug, reported for the hardening branch: with descriptor 2 closed at start, "
-    "the server connection takes number 2 and the helper's log lines go to the server",
-)
 def test_helper_started_with_stderr_closed(tmp_path: Path) -> None:
     """A parent that closed stderr (a daemonizing supervisor may): the replies must still be the bare command bytes."""
     server = RawServer(tmp_path / "s.repair")

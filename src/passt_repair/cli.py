@@ -7,6 +7,7 @@ Every error is one line on stderr; no traceback reaches the user.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -105,8 +106,19 @@ def parse(argv: Sequence[str]) -> Options:
     return Options(paths[0], debug, peer_uid, allow_unconfined)
 
 
+def _claim_standard_descriptors() -> None:
+    """Put /dev/null on any of descriptors 0, 1, 2 the parent left closed.
+
+    Otherwise the server connection could take number 2, and log lines would go to the server.
+    """
+    while (fd := os.open(os.devnull, os.O_RDWR)) <= 2:
+        pass
+    os.close(fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the helper; return the exit status."""
+    _claim_standard_descriptors()
     from . import hardening
     from .helper import HelperError, UsageError, run, stderr_log
 

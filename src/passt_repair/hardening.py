@@ -91,6 +91,8 @@ class Syscall:
 
 _SOL_TCP = 6
 _TCP_REPAIR = 19
+_PROT_READ = 1
+_PROT_WRITE = 2
 
 #: The system calls the helper makes once confined. Numbers: asm/unistd_64.h (x86_64) and
 #: asm-generic/unistd.h (aarch64), checked against the headers by tests/test_hardening.py.
@@ -113,14 +115,22 @@ ALLOWED: tuple[Syscall, ...] = (
         (ArgEquals(1, _SOL_TCP), ArgEquals(2, _TCP_REPAIR)),
     ),
     Syscall("getsockname", 51, 204, "helper._SocketTable.views", "socket(fileno=) reads the address family"),
-    Syscall("close_range", 436, 436, "helper._close_all", "close a message's descriptors in one call"),
-    Syscall("close", 3, 57, "helper._close_all", "close descriptors that are not contiguous; the connection at exit"),
+    Syscall("close_range", 436, 436, "helper._close", "close a message's descriptors in one call"),
+    Syscall("close", 3, 57, "helper._close", "close descriptors that are not contiguous; the connection at exit"),
     Syscall("newfstatat", 262, 79, "helper._apply", "find which descriptor is not a socket (os.fstat)"),
     Syscall("write", 1, 64, "helper.stderr_log", "the one-line error, and --debug lines"),
     Syscall("rt_sigreturn", 15, 139, "interpreter", "return from the SIGTERM/SIGINT handler"),
     Syscall("rt_sigaction", 13, 134, "interpreter", "finalization puts the signal handlers back"),
     Syscall("munmap", 11, 215, "interpreter", "the allocator gives memory back (at exit)"),
     Syscall("brk", 12, 214, "interpreter", "glibc malloc grows or trims its heap (seen: free() at exit)"),
+    Syscall(
+        "mmap",
+        9,
+        222,
+        "interpreter",
+        "the allocator maps a new arena or a large block; read-write only, never executable",
+        (ArgEquals(2, _PROT_READ | _PROT_WRITE),),
+    ),
     Syscall("exit_group", 231, 94, "interpreter", "exit"),
 )
 

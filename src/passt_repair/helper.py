@@ -28,7 +28,16 @@ import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from .protocol import SCM_MAX_FD, SOL_TCP, TCP_REPAIR, ProtocolError, decode_command, undo_command
+from .protocol import (
+    SCM_MAX_FD,
+    SOL_TCP,
+    TCP_REPAIR,
+    Command,
+    ProtocolError,
+    decode_command,
+    encode_command,
+    undo_command,
+)
 
 __all__ = ["HelperError", "SwitchError", "UsageError", "connect", "run", "serve", "switch"]
 
@@ -124,10 +133,13 @@ def connect(path: str, log: Log) -> tuple[socket.socket, int]:
     if not stat.S_ISSOCK(st.st_mode):
         raise UsageError(f"{path} is not a socket or a directory")
     _check_length(path)
+    sock = _unix_socket()
     try:
-        return _connect_once(path, in_directory=False)
+        _connect_once(sock, path)
     except OSError as e:
+        sock.close()
         raise HelperError(_oserror(f"connect {path}", e)) from None
+    return sock, st.st_uid
 
 
 def _check_length(path: str) -> None:
@@ -135,26 +147,17 @@ def _check_length(path: str) -> None:
         raise UsageError(f"socket path too long ({len(os.fsencode(path))} bytes, at most {SUN_PATH_MAX}): {path}")
 
 
-def _connect_once(path: str, in_directory: bool) -> tuple[socket.socket, int]:
-    """Connect to the socket file at `path`; return the connection and the file's owner.
+def _unix_socket() -> socket.socket:
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
 
-    In a directory the name must not be a symbolic link. The file is looked at
-    just before connect(): whoever could swap it in between could as well put
-    a socket of their own there, so only the server may write to the directory.
-    """
-    st = os.lstat(path) if in_directory else os.stat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise HelperError(f"{path} is a symbolic link: refusing it")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+
+def _connect_once(sock: socket.socket, path: str) -> None:
+    """connect(); a signal while it waits raises Stopped. A refused connect() leaves `sock` reusable."""
     try:
         _stop.waiting = True
         sock.connect(path)
-    except BaseException:
-        sock.close()
-        raise
     finally:
         _stop.waiting = False
-    return sock, st.st_uid
 
 
 def _connect_in_directory(directory: str, log: Log) -> tuple[socket.socket, int]:
@@ -164,40 +167,52 @@ def _connect_in_directory(directory: str, log: Log) -> tuple[socket.socket, int]
     between is seen either way. A socket that exists already is used at once
     (the newest, if several). While the server has bound but not yet called
     listen(), connect() fails with ECONNREFUSED: retry after 50 us, doubling
-    up to 10 ms, and wake early if another .repair socket appears.
+    up to 10 ms, and wake early if another .repair socket appears. The
+    connecting socket is made before the wait, so that little work stands
+    between the wake-up and connect().
+
+    Each attempt first looks at the entry itself (lstat): a symbolic link is
+    refused, since it could lead the helper, with its privileges, to a socket
+    elsewhere. Whoever could swap the entry between that look and connect()
+    could as well put a socket of their own there, so only the server may
+    write to the directory (docs/SECURITY.md).
     """
     _check_length(os.path.join(directory, "x.repair"))
     watch = _Inotify(directory)
+    sock = _unix_socket()
     try:
-        candidate = _newest_repair_socket(directory, os.listdir(directory))
+        found = _newest_repair_socket(directory, os.listdir(directory))
         delay = _RETRY_FIRST
         while True:
-            if candidate is not None:
-                _check_length(candidate)
+            if found is not None:
+                path, owner = found
                 try:
-                    return _connect_once(candidate, in_directory=True)
+                    _connect_once(sock, path)
+                    return sock, owner
                 except (ConnectionRefusedError, FileNotFoundError):
                     pass  # not listening yet, or gone again: keep waiting
                 except OSError as e:
-                    raise HelperError(_oserror(f"connect {candidate}", e)) from None
-            names = watch.wait(delay if candidate is not None else None)
-            if names:
-                found = _newest_repair_socket(directory, names)
-                if found is not None:
-                    candidate, delay = found, _RETRY_FIRST
-                    continue
-            delay = min(delay * 2, _RETRY_MAX)
+                    raise HelperError(_oserror(f"connect {path}", e)) from None
+            names = watch.wait(delay if found is not None else None)
+            fresh = _newest_repair_socket(directory, names) if names else None
+            if fresh is not None:
+                found, delay = fresh, _RETRY_FIRST
+            elif found is not None:
+                found = _newest_repair_socket(directory, [os.path.basename(found[0])])  # look again before retrying
+                delay = min(delay * 2, _RETRY_MAX)
+    except BaseException:
+        sock.close()
+        raise
     finally:
         watch.close()
 
 
-def _newest_repair_socket(directory: str, names: Sequence[str]) -> str | None:
-    """The most recently changed socket among `names` that ends in .repair, as a path.
+def _newest_repair_socket(directory: str, names: Sequence[str]) -> tuple[str, int] | None:
+    """The most recently changed socket among `names` that ends in .repair: its path and owner.
 
-    Raises HelperError for a .repair entry that is a symbolic link: it could
-    lead the helper, with its privileges, to a socket elsewhere.
+    Raises HelperError for a .repair entry that is a symbolic link.
     """
-    best: tuple[int, str] | None = None
+    best: tuple[int, str, int] | None = None
     for name in names:
         if not name.endswith(".repair"):
             continue
@@ -209,15 +224,15 @@ def _newest_repair_socket(directory: str, names: Sequence[str]) -> str | None:
         if stat.S_ISLNK(st.st_mode):
             raise HelperError(f"{path} is a symbolic link: refusing it")
         if stat.S_ISSOCK(st.st_mode) and (best is None or st.st_mtime_ns > best[0]):
-            best = (st.st_mtime_ns, path)
-    return best[1] if best else None
+            _check_length(path)
+            best = (st.st_mtime_ns, path, st.st_uid)
+    return (best[1], best[2]) if best else None
 
 
 class _Inotify:
     """An inotify watch for entries created in (or moved into) one directory."""
 
     _IN_CLOEXEC = 0o2000000
-    _IN_NONBLOCK = 0o4000
     _IN_CREATE = 0x100
     _IN_MOVED_TO = 0x80
     _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; the name follows
@@ -226,7 +241,7 @@ class _Inotify:
         import ctypes  # only directory mode needs it: the standard library has no inotify
 
         libc = ctypes.CDLL(None, use_errno=True)
-        fd = libc.inotify_init1(self._IN_CLOEXEC | self._IN_NONBLOCK)
+        fd = libc.inotify_init1(self._IN_CLOEXEC)
         if fd < 0:
             raise HelperError(_oserror("inotify_init1", OSError(ctypes.get_errno(), "")))
         self.fd = fd
@@ -236,18 +251,14 @@ class _Inotify:
             raise HelperError(_oserror(f"inotify_add_watch {directory}", e))
 
     def wait(self, timeout: float | None) -> list[str]:
-        """Names created since the last call; wait up to `timeout` seconds (None: forever)."""
+        """Names created since the last call; wait up to `timeout` seconds (None: block in read())."""
         _stop.waiting = True
         try:
-            ready, _, _ = select.select([self.fd], [], [], timeout)
+            if timeout is not None and not select.select([self.fd], [], [], timeout)[0]:
+                return []
+            data = os.read(self.fd, 64 * 1024)
         finally:
             _stop.waiting = False
-        if not ready:
-            return []
-        try:
-            data = os.read(self.fd, 64 * 1024)
-        except BlockingIOError:
-            return []
         names = []
         offset = 0
         while offset + self._EVENT.size <= len(data):
@@ -274,54 +285,43 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class _SocketTable:
-    """Socket objects for received descriptors, made once and reused.
+    """Socket objects by descriptor number, made once and reused.
 
-    Python can set a socket option only through a socket object. The kernel
-    installs received descriptors at the lowest free numbers, and the helper
-    opens nothing else while it serves, so every message's n descriptors are
-    the n numbers from the same base up. The table keeps one object per
-    number, made the first time that number arrives, so a message costs no
-    object per descriptor and one close_range() closes all of it. The objects
-    are views: they never close their descriptor themselves.
+    Python sets a socket option only through a socket object. Received
+    descriptors take the lowest free numbers, so every message reuses the same
+    few numbers: the table keeps one object per number, made the first time
+    that number arrives, and a message costs no object per descriptor. The
+    objects are views: they never close their descriptor.
     """
 
     def __init__(self) -> None:
-        self.base = -1
-        self._views: list[socket.socket] = []
+        self._by_fd: list[socket.socket | None] = []
 
-    def views(self, fds: Sequence[int]) -> tuple[list[socket.socket], bool]:
-        """Objects for `fds`, and whether they belong to the table (else release them after use).
+    def views(self, fds: Sequence[int], contiguous: bool) -> list[socket.socket]:
+        """The objects for `fds`. #syscalls: getsockname getsockopt
 
-        #syscalls: getsockname getsockopt
-        Raises OSError (ENOTSOCK) if a descriptor is not a socket.
+        Raises OSError (ENOTSOCK) if a descriptor met for the first time is not a socket.
         """
-        n = len(fds)
-        lo = min(fds)
-        if self.base < 0:
-            self.base = lo
-        if lo == self.base and max(fds) == lo + n - 1:  # received descriptors are distinct
-            views = self._views
-            while len(views) < n:
-                views.append(socket.socket(fileno=self.base + len(views)))
-            return views[:n], True
-        temporary: list[socket.socket] = []
-        try:
-            for fd in fds:
-                temporary.append(socket.socket(fileno=fd))
-        except BaseException:
-            self.release(temporary)
-            raise
-        return temporary, False
+        by_fd = self._by_fd
+        if contiguous:
+            views = by_fd[fds[0] : fds[0] + len(fds)]
+            if len(views) == len(fds) and None not in views:
+                return views  # type: ignore[return-value]  # no None: checked just above
+        top = max(fds)
+        if top >= len(by_fd):
+            by_fd.extend([None] * (top + 1 - len(by_fd)))
+        return [by_fd[fd] or self._make(fd) for fd in fds]
 
-    @staticmethod
-    def release(views: Sequence[socket.socket]) -> None:
-        """Forget objects without closing their descriptors."""
-        for view in views:
-            view.detach()
+    def _make(self, fd: int) -> socket.socket:
+        view = self._by_fd[fd] = socket.socket(fileno=fd)
+        return view
 
     def close(self) -> None:
-        self.release(self._views)
-        self._views.clear()
+        """Forget every object without closing the descriptor it was made for."""
+        for view in self._by_fd:
+            if view is not None:
+                view.detach()
+        self._by_fd.clear()
 
 
 class SwitchError(Exception):
@@ -346,7 +346,9 @@ def switch(views: Sequence[socket.socket], value: int) -> None:
     socket that is not TCP (OSError) before anything changes. If a setsockopt()
     fails (a listening socket, a socket of a namespace where the helper lacks
     CAP_NET_ADMIN), every socket is put back to the state it was read in,
-    without a window probe, and SwitchError is raised.
+    without a window probe, and SwitchError is raised. Nothing cheaper tells
+    afterwards which sockets a failed message changed: the kernel accepts a
+    state a socket already has and leaves no trace of it.
     """
     prior = [view.getsockopt(SOL_TCP, TCP_REPAIR) for view in views]
     remaining = iter(views)  # after a failure, what is left of it gives the failed position
@@ -373,9 +375,16 @@ def _restore(views: Sequence[socket.socket], prior: Sequence[int]) -> int:
 # ---------------------------------------------------------------------------
 # The request loop
 
+#: A request's byte, as received (unsigned), to the value setsockopt() takes; anything else is refused.
+_VALUES = {encode_command(c)[0]: int(c) for c in Command}
+_REPLIES = {int(c): encode_command(c) for c in Command}
+#: The numbers 0, 1, 2, ...: descriptors are contiguous when they equal a slice of this (one comparison).
+_RUN = array.array("i", range(4096 + SCM_MAX_FD))
 
-def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> tuple[list[int], int]:
-    """All descriptors in SCM_RIGHTS messages, and the number of control messages of other kinds."""
+
+def _received(ancillary: list[tuple[int, int, bytes]]) -> tuple[array.array[int], bool, int]:
+    """The descriptors of the SCM_RIGHTS messages, whether they are n consecutive numbers in
+    order, and how many control messages of other kinds came."""
     fds = array.array("i")
     other = 0
     for level, kind, data in ancillary:
@@ -383,16 +392,14 @@ def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> tuple[list[int], i
             fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
         else:
             other += 1
-    return fds.tolist(), other
+    contiguous = bool(fds) and fds == _RUN[fds[0] : fds[0] + len(fds)]
+    return fds, contiguous, other
 
 
-def _close_all(fds: Sequence[int]) -> None:
-    """Close received descriptors: one close_range() when they are contiguous. #syscalls: close_range close"""
-    if not fds:
-        return
-    lo, hi = min(fds), max(fds)
-    if hi - lo + 1 == len(fds):
-        os.closerange(lo, hi + 1)
+def _close(fds: Sequence[int], contiguous: bool) -> None:
+    """Close received descriptors: contiguous ones with one close_range(). #syscalls: close_range close"""
+    if contiguous:
+        os.closerange(fds[0], fds[-1] + 1)
     else:
         for fd in fds:
             os.close(fd)
@@ -408,54 +415,60 @@ def serve(conn: socket.socket, log: Log, debug: Log | None = None) -> None:
     """
     table = _SocketTable()
     buf = bytearray(2)  # one byte is a request; a second one means the payload is too long
+    buffers = [buf]
     try:
         while not _stop.requested:
             try:
                 _stop.waiting = True
-                nbytes, ancillary, flags, _ = conn.recvmsg_into([buf], _ANC_SPACE)
+                nbytes, ancillary, flags, _ = conn.recvmsg_into(buffers, _ANC_SPACE)
             except ConnectionResetError:
                 return
             except OSError as e:
                 raise HelperError(_oserror("recvmsg", e)) from None
             finally:
                 _stop.waiting = False
-            fds, other = _received_fds(ancillary)
+            fds, contiguous, other = _received(ancillary)
             try:
                 if nbytes == 0 and not fds:
                     return
                 started = time.perf_counter() if debug else 0.0
-                command = _check(nbytes, buf, flags, fds, other)
-                _apply(table, fds, command)
+                value = _VALUES.get(buf[0]) if nbytes == 1 and fds and not (flags or other) else None
+                if value is None:
+                    raise HelperError(_refusal(nbytes, buf[0], flags, len(fds), other))
+                _apply(table, fds, contiguous, value)
             finally:
-                _close_all(fds)
+                _close(fds, contiguous)
             try:
-                conn.send(buf[:1])
+                conn.send(_REPLIES[value])
             except (ConnectionResetError, BrokenPipeError):
                 return
             except OSError as e:
                 raise HelperError(_oserror("send", e)) from None
             if debug:
-                debug(f"{_NAMES[command]} on {len(fds)} sockets in {(time.perf_counter() - started) * 1e6:.0f} us")
+                debug(f"{_NAMES[value]} on {len(fds)} sockets in {(time.perf_counter() - started) * 1e6:.0f} us")
     finally:
         table.close()
 
 
-def _check(nbytes: int, buf: bytearray, flags: int, fds: list[int], other: int) -> int:
-    """The command of a well-formed request, else HelperError naming what is wrong."""
+def _refusal(nbytes: int, byte: int, flags: int, count: int, other: int) -> str:
+    """Why a message is not a request, in one line (made only when one is refused)."""
     size = "1 byte" if nbytes == 1 else "more than 1 byte" if nbytes else "0 bytes"
-    what = f"message of {size} with {len(fds)} descriptors"
+    what = f"message of {size} with {count} descriptors"
     if flags & socket.MSG_CTRUNC:
-        raise HelperError(f"{what}: control message truncated (descriptor limit reached?); nothing changed")
+        return f"{what}: control message truncated (descriptor limit reached?); nothing changed"
     if nbytes != 1:
-        raise HelperError(f"{what}: a request is exactly one byte; nothing changed")
+        return f"{what}: a request is exactly one byte; nothing changed"
     if other:
-        raise HelperError(f"{what}: unexpected control message other than SCM_RIGHTS; nothing changed")
-    if not fds:
-        raise HelperError(f"{what}: a request carries 1 to {SCM_MAX_FD} descriptors; nothing changed")
+        return f"{what}: unexpected control message other than SCM_RIGHTS; nothing changed"
+    if not count:
+        return f"{what}: a request carries 1 to {SCM_MAX_FD} descriptors; nothing changed"
+    if flags:
+        return f"{what}: unexpected message flags {flags:#x}; nothing changed"
     try:
-        return decode_command(buf[0])
+        decode_command(byte)
     except ProtocolError as e:
-        raise HelperError(f"{what}: {e}; nothing changed") from None
+        return f"{what}: {e}; nothing changed"
+    return f"{what}: not a request; nothing changed"
 
 
 def _first_unreadable(views: Sequence[socket.socket]) -> int:
@@ -468,29 +481,28 @@ def _first_unreadable(views: Sequence[socket.socket]) -> int:
     return 0
 
 
-def _apply(table: _SocketTable, fds: list[int], command: int) -> None:
+def _apply(table: _SocketTable, fds: Sequence[int], contiguous: bool, value: int) -> None:
     """Switch the message's sockets, or raise HelperError naming the one that failed. #syscalls: newfstatat"""
-    what = f"command {_NAMES[command]} on {len(fds)} descriptors"
     try:
-        views, kept = table.views(fds)
-    except OSError as e:
+        views = table.views(fds, contiguous)
+    except OSError as e:  # a descriptor met for the first time is not a socket
         position = next((i for i, fd in enumerate(fds) if not stat.S_ISSOCK(os.fstat(fd).st_mode)), 0)
-        raise HelperError(_oserror(f"{what}: descriptor {position + 1}", e) + "; nothing changed") from None
-    try:
-        switch(views, command)
-    except OSError as e:
-        position = _first_unreadable(views)
         raise HelperError(
-            _oserror(f"{what}: descriptor {position + 1}: getsockopt(TCP_REPAIR)", e) + "; nothing changed"
+            _oserror(f"{_what(value, fds)}: descriptor {position + 1}", e) + "; nothing changed"
         ) from None
+    try:
+        switch(views, value)
     except SwitchError as e:
         outcome = "nothing changed" if not e.stuck else f"{e.stuck} sockets could NOT be put back"
-        raise HelperError(
-            _oserror(f"{what}: descriptor {e.position + 1}: setsockopt(TCP_REPAIR)", e.error) + f"; {outcome}"
-        ) from None
-    finally:
-        if not kept:
-            table.release(views)
+        what = f"{_what(value, fds)}: descriptor {e.position + 1}: setsockopt(TCP_REPAIR)"
+        raise HelperError(_oserror(what, e.error) + f"; {outcome}") from None
+    except OSError as e:
+        what = f"{_what(value, fds)}: descriptor {_first_unreadable(views) + 1}: getsockopt(TCP_REPAIR)"
+        raise HelperError(_oserror(what, e) + "; nothing changed") from None
+
+
+def _what(value: int, fds: Sequence[int]) -> str:
+    return f"command {_NAMES[value]} on {len(fds)} descriptors"
 
 
 def run(
