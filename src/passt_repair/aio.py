@@ -1,8 +1,8 @@
 """The server side of the passt-repair protocol for asyncio programs.
 
 `AsyncRepairServer` behaves like `passt_repair.server.RepairServer` and
-raises the same exceptions, but every wait is a coroutine, so an asyncio
-network program can use the helper without threads:
+raises the same exceptions with the same messages, but every wait is a
+coroutine, so an asyncio network program can use the helper without threads:
 
     async with AsyncRepairServer("/run/myapp/repair.sock") as server:
         await server.accept(timeout=5)       # a helper: passt-repair /run/myapp/repair.sock
@@ -10,26 +10,27 @@ network program can use the helper without threads:
             ...                              # dump, migrate
         # ... and off again, exceptions and cancellation included
 
-Calls from several tasks are served one at a time, in the order they come:
-the protocol has one request in flight. Every wait has a timeout. A task
-cancelled while a batch is in flight closes the connection to the helper
-(that batch's sockets may or may not be switched), as any other failure that
-leaves the connection in doubt does. The waits use the loop's reader and
-writer callbacks, so the loop must support them (any loop on Linux does).
+Everything that does not wait (the socket file, the checks of an idle
+connection and of a reply, the errors and their messages) is the blocking
+server's own code, from `passt_repair.server`. Calls from several tasks are
+served one at a time, in the order they come: the protocol has one request
+in flight. Every wait has a timeout. A task cancelled while its batch is in
+flight closes the connection to the helper (that batch's sockets may or may
+not be switched), as any other failure that leaves the connection in doubt
+does. The waits use the loop's reader and writer callbacks, so the loop must
+support them (any loop on Linux does).
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable
-from typing import NoReturn
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import NoReturn, TypeVar
 
 from .protocol import Batch, BatchQueue, Command, batches
 from .server import (
@@ -37,16 +38,32 @@ from .server import (
     HelperInfo,
     NoHelperError,
     RepairError,
-    RepairTimeoutError,
     SocketLike,
     WrongReplyError,
-    peer_info,
-    prepare_path,
+    check_socket_file,
+    failure,
+    idle_fault,
+    left_on,
+    none_in_time,
+    not_listening,
+    open_listener,
+    receive_fault,
+    reject_waiting,
+    remove_socket_file,
+    reply_fault,
+    request,
+    send_fault,
+    take_helper,
+    unsolicited,
 )
 
 __all__ = ["AsyncRepairServer"]
 
 log = logging.getLogger("passt_repair.aio")
+
+T = TypeVar("T")
+
+CLOSED_WHILE_WAITING = "the connection to the helper was closed while waiting"
 
 
 def _fileno(sock: SocketLike) -> int:
@@ -56,6 +73,10 @@ def _fileno(sock: SocketLike) -> int:
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+class _ClosedHere(Exception):
+    """The socket a task waited on was closed by this server (detach, close, listen)."""
 
 
 class _Wait:
@@ -87,8 +108,9 @@ class AsyncRepairServer:
     socket file there is replaced, anything else refused), `mode` of the
     socket file (the helper needs write permission on it), `attach_timeout`
     (how long a switch waits for a helper when none is attached),
-    `reply_timeout` (how long each batch waits for its echo). The socket is
-    created at once; `close()` (or leaving `async with`) removes it.
+    `reply_timeout` (how long a send, and then the wait for its echo, may
+    take). The socket is created at once; `close()` (or leaving `async with`)
+    removes it.
     """
 
     def __init__(
@@ -107,7 +129,7 @@ class AsyncRepairServer:
         self.helper: HelperInfo | None = None
         self._conn: socket.socket | None = None
         self._listener: socket.socket | None = None
-        self._inode = 0
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
         self._queue = BatchQueue()
         self._lock = asyncio.Lock()
         self._wait: _Wait | None = None
@@ -116,19 +138,12 @@ class AsyncRepairServer:
     # -- listening and accepting -------------------------------------------
 
     def listen(self) -> None:
-        """(Re)create the listening socket at `path`; used again if the file was removed or replaced."""
+        """(Re)create the listening socket at `path`; used again if the file was removed or replaced.
+
+        A call waiting for a helper on the old socket fails with NoHelperError.
+        """
         self._close_listener()
-        prepare_path(self.path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        try:
-            listener.bind(self.path)
-            os.chmod(self.path, self.mode)
-            listener.listen(0)
-            self._inode = os.stat(self.path).st_ino
-        except BaseException:
-            listener.close()
-            raise
-        self._listener = listener
+        self._listener, self._identity = open_listener(self.path, self.mode)
 
     @property
     def attached(self) -> bool:
@@ -146,63 +161,42 @@ class AsyncRepairServer:
 
     async def _accept(self, timeout: float | None) -> HelperInfo:
         if self._conn is not None and self.helper is not None:
-            self._reject_extra()
+            reject_waiting(self._listener, log)
             return self.helper
         listener = self._require_listener()
-        self._check_path()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                conn, _ = listener.accept()
-                break
-            except BlockingIOError:
-                pass
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise NoHelperError(
-                    f"no passt-repair helper connected to {self.path} within {timeout:g} s "
-                    f"(start one: passt-repair {self.path})"
-                )
-            await self._ready(listener, write=False, timeout=left)
-            if self._listener is not listener:
-                raise NoHelperError(f"the server on {self.path} was closed while waiting for a helper")
+        check_socket_file(self.path, self._identity)
+        try:
+            conn, _ = await self._when_ready(listener, listener.accept, write=False, timeout=timeout)
+        except TimeoutError:
+            raise none_in_time(self.path, timeout) from None
+        except _ClosedHere:
+            raise NoHelperError(f"the server on {self.path} was closed while waiting for a helper") from None
         conn.setblocking(False)
         self._conn = conn
-        self.helper = peer_info(conn)
-        log.info("helper attached: pid %d, uid %d, gid %d", self.helper.pid, self.helper.uid, self.helper.gid)
+        self.helper = take_helper(conn, log)
+        reject_waiting(listener, log)  # helpers that raced this one into the backlog: closed now, not at a switch
         return self.helper
-
-    def _check_path(self) -> None:
-        try:
-            same = os.stat(self.path).st_ino == self._inode
-        except FileNotFoundError:
-            same = False
-        if not same:
-            raise NoHelperError(f"repair socket {self.path} was removed or replaced; call listen() to recreate it")
 
     def _require_listener(self) -> socket.socket:
         if self._listener is None:
-            raise NoHelperError(f"not listening on {self.path} (closed); call listen()")
+            raise not_listening(self.path)
         return self._listener
 
-    def _reject_extra(self) -> None:
-        """Accept and close any other helper that connected while one is attached (passt does the same)."""
-        if self._listener is None:
-            return
-        while True:
-            try:
-                extra, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            with extra:
-                info = peer_info(extra)
-                log.warning("rejected a second helper: pid %d, uid %d (one is attached already)", info.pid, info.uid)
+    async def _attach(self, confirmed: int) -> socket.socket:
+        """The helper connection, ready for a request: attach one if needed, and check the attached one.
 
-    async def _attach(self) -> socket.socket:
+        Nothing may arrive from an attached helper between two requests (see `idle_fault`).
+        """
+        if self._conn is not None and (stray := unsolicited(self._conn)) is not None:
+            assert self.helper is not None
+            reason = idle_fault(stray, self.helper, log)
+            if reason is not None:
+                self._fail(WrongReplyError, reason, None, confirmed, self.helper)
+            self.detach()
         if self._conn is None:
-            await self._accept(self.attach_timeout)
+            await self._accept(self.attach_timeout)  # rejects any other helper waiting behind the one it takes
         else:
-            self._reject_extra()
+            reject_waiting(self._listener, log)
         assert self._conn is not None
         return self._conn
 
@@ -219,20 +213,38 @@ class AsyncRepairServer:
 
     # -- waiting -----------------------------------------------------------
 
-    async def _ready(self, sock: socket.socket, *, write: bool, timeout: float | None) -> bool:
-        """Wait until `sock` is readable (or writable); False after `timeout` seconds."""
+    async def _when_ready(self, sock: socket.socket, call: Callable[[], T], *, write: bool, timeout: float | None) -> T:
+        """`call()` on the non-blocking `sock` once it is ready, waiting up to `timeout` seconds (None: forever).
+
+        Raises TimeoutError as a blocking socket would, _ClosedHere if `sock`
+        was closed here meanwhile, and whatever else `call` raises.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if sock is not self._conn and sock is not self._listener:
+                raise _ClosedHere
+            try:
+                return call()
+            except BlockingIOError:
+                pass
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError("timed out")
+            await self._ready(sock, write=write, timeout=left)
+
+    async def _ready(self, sock: socket.socket, *, write: bool, timeout: float | None) -> None:
+        """Wait until `sock` is readable (or writable), it is closed here, or `timeout` seconds have passed."""
         wait = _Wait(asyncio.get_running_loop(), sock.fileno(), write)
         self._wait = wait
         try:
             # The future only signals readiness: cancelling it loses nothing, the I/O happens after.
             await asyncio.wait_for(wait.future, timeout)
         except asyncio.TimeoutError:
-            return False
+            pass  # the caller tries once more, then gives up
         finally:
             if self._wait is wait:
                 self._wait = None
                 wait.end()
-        return True
 
     def _end_wait(self, sock: socket.socket) -> None:
         wait = self._wait
@@ -294,8 +306,7 @@ class AsyncRepairServer:
                 try:
                     await self.switch(items[: e.confirmed], off)
                 except RepairError:
-                    still = f"; {e.confirmed} sockets switched on before it are still in repair mode (no helper left)"
-                    raise type(e)(f"{e}{still}", e.uncertain, e.confirmed) from e
+                    raise left_on(e) from e
             raise
         try:
             yield items
@@ -303,78 +314,37 @@ class AsyncRepairServer:
             await self.switch(items, off)
 
     async def _send(self, batch: Batch, confirmed: int) -> None:
-        conn = await self._attach()
-        command = batch.command
-        deadline = time.monotonic() + self.reply_timeout
+        conn = await self._attach(confirmed)
+        helper = self.helper  # a detach() while we wait forgets it
+        timeout = self.reply_timeout
         try:
-            reply = await self._exchange(conn, batch, deadline)
+            sent = await self._when_ready(conn, lambda: conn.sendmsg(*request(batch)), write=True, timeout=timeout)
+        except _ClosedHere:
+            self._fail(HelperGoneError, CLOSED_WHILE_WAITING, None, confirmed, helper)
+        except OSError as e:
+            # The kernel queues a message whole or not at all: a failed send reached no helper.
+            self._fail(HelperGoneError, send_fault(e), None, confirmed, helper)
+        if sent != 1:
+            self._fail(HelperGoneError, send_fault(sent), batch, confirmed, helper)
+        try:
+            reply = await self._when_ready(conn, lambda: conn.recv(2), write=False, timeout=timeout)
         except asyncio.CancelledError:
             self.detach()  # the reply may still come: this connection can never be trusted again
             raise
-        except TimeoutError:
-            self._fail(
-                RepairTimeoutError, f"no reply from the helper within {self.reply_timeout:g} s", batch, confirmed
-            )
+        except _ClosedHere:
+            self._fail(HelperGoneError, CLOSED_WHILE_WAITING, batch, confirmed, helper)
         except OSError as e:
-            self._fail(
-                HelperGoneError,
-                f"connection to the helper failed: {os.strerror(e.errno or errno.EIO)}",
-                batch,
-                confirmed,
-            )
-        if reply is None:
-            self._fail(HelperGoneError, "the connection to the helper was closed while waiting", batch, confirmed)
-        if not reply:
-            self._fail(
-                HelperGoneError,
-                "the helper closed the connection: it refused the request (see its log) or died",
-                batch,
-                confirmed,
-            )
-        if reply != command.byte:
-            self._fail(
-                WrongReplyError,
-                f"helper replied {reply!r} to command {command.name} ({command.byte!r})",
-                batch,
-                confirmed,
-            )
+            self._fail(*receive_fault(e, timeout), batch, confirmed, helper)
+        fault = reply_fault(reply, batch.command)
+        if fault is not None:
+            self._fail(*fault, batch, confirmed, helper)
 
-    async def _exchange(self, conn: socket.socket, batch: Batch, deadline: float) -> bytes | None:
-        """Send `batch` and return the reply; None if the connection was closed meanwhile.
-
-        Raises TimeoutError at `deadline`, OSError if the connection fails.
-        """
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch.fds).tobytes())]
-        while True:
-            try:
-                sent = conn.sendmsg([batch.command.byte], rights, socket.MSG_NOSIGNAL)
-                break
-            except BlockingIOError:
-                await self._wait_until(conn, write=True, deadline=deadline)
-            if self._conn is not conn:
-                return None
-        if sent != 1:
-            raise OSError(errno.EIO, "short send")
-        while True:
-            try:
-                return conn.recv(2)
-            except BlockingIOError:
-                await self._wait_until(conn, write=False, deadline=deadline)
-            if self._conn is not conn:
-                return None
-
-    async def _wait_until(self, conn: socket.socket, *, write: bool, deadline: float) -> None:
-        left = deadline - time.monotonic()
-        if left <= 0 or not await self._ready(conn, write=write, timeout=left):
-            raise TimeoutError
-
-    def _fail(self, kind: type[RepairError], message: str, batch: Batch, confirmed: int) -> NoReturn:
-        self.detach()  # the connection is in doubt: never reuse it
-        raise kind(
-            f"{message}; {len(batch.fds)} sockets of command {batch.command.name} may or may not be switched",
-            batch.fds,
-            confirmed,
-        )
+    def _fail(
+        self, kind: type[RepairError], message: str, batch: Batch | None, confirmed: int, helper: HelperInfo | None
+    ) -> NoReturn:
+        """Close the connection (it is in doubt: never reuse it) and raise `kind` (see `failure`)."""
+        self.detach()
+        raise failure(kind, message, batch, confirmed, helper)
 
     # -- closing -----------------------------------------------------------
 
@@ -384,11 +354,7 @@ class AsyncRepairServer:
         self._end_wait(self._listener)
         self._listener.close()
         self._listener = None
-        try:
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        remove_socket_file(self.path, self._identity)
 
     def close(self) -> None:
         """Close the helper connection and the listening socket, and remove the socket file we made.

@@ -165,6 +165,140 @@ def prepare_path(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
 
 
+# -- what the blocking and the asyncio server share: nothing here waits ------------
+
+
+def open_listener(path: str, mode: int) -> tuple[socket.socket, tuple[int, int] | None]:
+    """A non-blocking socket listening at `path` with backlog 0 (as passt), and the identity of its file."""
+    prepare_path(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        listener.bind(path)
+        os.chmod(path, mode)
+        listener.listen(0)
+        return listener, _identity(path)
+    except BaseException:
+        listener.close()
+        raise
+
+
+def check_socket_file(path: str, identity: tuple[int, int] | None) -> None:
+    """Raise NoHelperError if our socket file (`identity`) is gone from `path`: no new helper could reach us."""
+    found = _identity(path)
+    if found is None or found != identity:
+        what = "was removed" if not os.path.lexists(path) else "was replaced by another file"
+        raise NoHelperError(f"repair socket {path} {what}: no helper can connect; call listen() to recreate it")
+
+
+def remove_socket_file(path: str, identity: tuple[int, int] | None) -> None:
+    """Remove the socket file we bound (`identity`) from `path`; never a file that replaced it."""
+    if identity is not None and _identity(path) == identity:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def not_listening(path: str) -> NoHelperError:
+    return NoHelperError(f"not listening on {path} (closed); call listen()")
+
+
+def none_in_time(path: str, timeout: float | None) -> NoHelperError:
+    return NoHelperError(
+        f"no passt-repair helper connected to {path} within {timeout:g} s (start one: passt-repair {path})"
+    )
+
+
+def take_helper(conn: socket.socket, logger: logging.Logger) -> HelperInfo:
+    """Who the helper on a newly accepted `conn` is; logged."""
+    info = peer_info(conn)
+    logger.info("helper attached: pid %d, uid %d, gid %d", info.pid, info.uid, info.gid)
+    return info
+
+
+def reject_waiting(listener: socket.socket | None, logger: logging.Logger) -> None:
+    """Accept and close any other helper that connected while one is attached (passt does the same)."""
+    if listener is None:
+        return
+    while True:
+        try:
+            extra, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        with extra:
+            info = peer_info(extra)
+            logger.warning("rejected a second helper: pid %d, uid %d (one is attached already)", info.pid, info.uid)
+
+
+def unsolicited(conn: socket.socket) -> bytes | None:
+    """What the helper sent unasked: None if nothing, b"" if it closed the connection."""
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    if not poller.poll(0):
+        return None
+    try:
+        return conn.recv(16)
+    except OSError:
+        return b""  # reset: as closed
+
+
+def idle_fault(stray: bytes, helper: HelperInfo, logger: logging.Logger) -> str | None:
+    """What `stray` bytes from an idle helper mean: the reason to fail, or None if it merely closed (logged).
+
+    A helper that closed the connection while idle (stopped, killed) lost no
+    request: a new one may take its place. Bytes nobody asked for would be
+    taken for the next reply, so they end the connection.
+    """
+    if stray:
+        return f"the helper sent {stray!r} without a request"
+    logger.warning("helper pid %d closed the connection while idle; attaching a new one", helper.pid)
+    return None
+
+
+def request(batch: Batch) -> tuple[list[bytes], list[tuple[int, int, bytes]], int]:
+    """The arguments of sendmsg() for `batch`: its command byte, its descriptors, its flags."""
+    rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch.fds).tobytes())
+    return [batch.command.byte], [rights], socket.MSG_NOSIGNAL
+
+
+def send_fault(error: OSError | int) -> str:
+    """Why a send failed: the error sendmsg() raised, or how many bytes it sent instead of one."""
+    why = _reason(error) if isinstance(error, OSError) else f"{error} bytes sent"
+    return f"sending to the helper failed: {why}"
+
+
+def receive_fault(error: OSError, reply_timeout: float) -> tuple[type[RepairError], str]:
+    """What a failed wait for the reply means (a TimeoutError after `reply_timeout`, or a broken connection)."""
+    if isinstance(error, TimeoutError):
+        return RepairTimeoutError, f"no reply from the helper within {reply_timeout:g} s"
+    return HelperGoneError, f"connection to the helper failed: {_reason(error)}"
+
+
+def reply_fault(reply: bytes, command: Command) -> tuple[type[RepairError], str] | None:
+    """What the reply to `command` means: None if the helper confirmed it, else the error and why."""
+    if not reply:
+        return HelperGoneError, "the helper closed the connection: it refused the request (see its log) or died"
+    if reply != command.byte:
+        return WrongReplyError, f"helper replied {reply!r} to command {command.name} ({command.byte!r})"
+    return None
+
+
+def failure(
+    kind: type[RepairError], message: str, batch: Batch | None, confirmed: int, helper: HelperInfo | None
+) -> RepairError:
+    """The error to raise; `batch` is the request in flight, or None if none left (nothing changed)."""
+    if batch is None:
+        return kind(f"{message}; nothing was sent, no socket changed", (), confirmed, helper=helper)
+    doubt = f"{len(batch.fds)} sockets of command {batch.command.name} may or may not be switched (see repair_state)"
+    if kind is RepairTimeoutError and helper is not None:
+        doubt += f" (helper pid {helper.pid} may still be switching them until it exits)"
+    return kind(f"{message}; {doubt}", batch.fds, confirmed, helper=helper)
+
+
+def left_on(e: RepairError) -> RepairError:
+    """`e`, for a switch on whose confirmed batches could not be switched off again."""
+    still = f"; {e.confirmed} sockets switched on before it are still in repair mode (no helper left)"
+    return type(e)(f"{e}{still}", e.uncertain, e.confirmed, helper=e.helper)
+
+
 class RepairServer:
     """Listen for one passt-repair helper and switch sockets through it.
 
@@ -199,26 +333,7 @@ class RepairServer:
     def listen(self) -> None:
         """(Re)create the listening socket at `path`; used again if the file was removed or replaced."""
         self._close_listener()
-        prepare_path(self.path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        try:
-            listener.bind(self.path)
-            os.chmod(self.path, self.mode)
-            listener.listen(0)
-            self._identity = _identity(self.path)
-        except BaseException:
-            listener.close()
-            raise
-        self._listener = listener
-
-    def _check_path(self) -> None:
-        """Raise NoHelperError if our socket file is gone from `path`: no new helper could reach us."""
-        found = _identity(self.path)
-        if found is None or found != self._identity:
-            what = "was removed" if not os.path.lexists(self.path) else "was replaced by another file"
-            raise NoHelperError(
-                f"repair socket {self.path} {what}: no helper can connect; call listen() to recreate it"
-            )
+        self._listener, self._identity = open_listener(self.path, self.mode)
 
     @property
     def attached(self) -> bool:
@@ -231,10 +346,10 @@ class RepairServer:
         If a helper is attached already, return it at once. Raises NoHelperError on timeout.
         """
         if self._conn is not None and self.helper is not None:
-            self._reject_extra()
+            reject_waiting(self._listener, log)
             return self.helper
         listener = self._require_listener()
-        self._check_path()
+        check_socket_file(self.path, self._identity)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
@@ -243,71 +358,36 @@ class RepairServer:
             except BlockingIOError:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise NoHelperError(
-                        f"no passt-repair helper connected to {self.path} within {timeout:g} s "
-                        f"(start one: passt-repair {self.path})"
-                    ) from None
+                    raise none_in_time(self.path, timeout) from None
                 select.select([listener], [], [], left)
         conn.settimeout(self.reply_timeout)  # blocking, with a timeout on every send and receive
         self._conn = conn
-        self.helper = peer_info(conn)
-        log.info("helper attached: pid %d, uid %d, gid %d", self.helper.pid, self.helper.uid, self.helper.gid)
-        self._reject_extra()  # helpers that raced this one into the backlog: closed now, not at the next switch
+        self.helper = take_helper(conn, log)
+        reject_waiting(listener, log)  # helpers that raced this one into the backlog: closed now, not at a switch
         return self.helper
 
     def _require_listener(self) -> socket.socket:
         if self._listener is None:
-            raise NoHelperError(f"not listening on {self.path} (closed); call listen()")
+            raise not_listening(self.path)
         return self._listener
-
-    def _reject_extra(self) -> None:
-        """Accept and close any other helper that connected while one is attached (passt does the same)."""
-        if self._listener is None:
-            return
-        while True:
-            try:
-                extra, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            with extra:
-                info = peer_info(extra)
-                log.warning("rejected a second helper: pid %d, uid %d (one is attached already)", info.pid, info.uid)
 
     def _attach(self, confirmed: int) -> socket.socket:
         """The helper connection, ready for a request: attach one if needed, and check the attached one.
 
-        Nothing may arrive from an attached helper between two requests. If
-        it closed the connection (it was stopped or killed while idle), no
-        request was lost: a new helper is attached in its place. Bytes that
-        nobody asked for would be taken for the next reply, so they end the
-        connection (WrongReplyError, with nothing sent).
+        Nothing may arrive from an attached helper between two requests (see `idle_fault`).
         """
-        if self._conn is not None:
-            stray = self._unsolicited(self._conn)
-            if stray:
-                self._fail(WrongReplyError, f"the helper sent {stray!r} without a request", None, confirmed)
-            if stray is not None:
-                assert self.helper is not None
-                log.warning("helper pid %d closed the connection while idle; attaching a new one", self.helper.pid)
-                self.detach()
+        if self._conn is not None and (stray := unsolicited(self._conn)) is not None:
+            assert self.helper is not None
+            reason = idle_fault(stray, self.helper, log)
+            if reason is not None:
+                self._fail(WrongReplyError, reason, None, confirmed)
+            self.detach()
         if self._conn is None:
             self.accept(self.attach_timeout)  # rejects any other helper waiting behind the one it takes
         else:
-            self._reject_extra()
+            reject_waiting(self._listener, log)
         assert self._conn is not None
         return self._conn
-
-    @staticmethod
-    def _unsolicited(conn: socket.socket) -> bytes | None:
-        """What the helper sent unasked: None if nothing, b"" if it closed the connection."""
-        poller = select.poll()
-        poller.register(conn, select.POLLIN)
-        if not poller.poll(0):
-            return None
-        try:
-            return conn.recv(16)
-        except OSError:
-            return b""  # reset: as closed
 
     def detach(self) -> None:
         """Close the connection to the helper (it exits 0); a new helper can then attach."""
@@ -362,8 +442,7 @@ class RepairServer:
                 try:
                     self.switch(items[: e.confirmed], off)
                 except RepairError:
-                    still = f"; {e.confirmed} sockets switched on before it are still in repair mode (no helper left)"
-                    raise type(e)(f"{e}{still}", e.uncertain, e.confirmed, helper=e.helper) from e
+                    raise left_on(e) from e
             raise
         try:
             yield items
@@ -372,56 +451,26 @@ class RepairServer:
 
     def _send(self, batch: Batch, confirmed: int) -> None:
         conn = self._attach(confirmed)
-        command = batch.command
         try:
-            sent = conn.sendmsg(
-                [command.byte],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", batch.fds).tobytes())],
-                socket.MSG_NOSIGNAL,
-            )
+            sent = conn.sendmsg(*request(batch))
         except OSError as e:
             # The kernel queues a message whole or not at all: a failed send reached no helper.
-            self._fail(HelperGoneError, f"sending to the helper failed: {_reason(e)}", None, confirmed)
+            self._fail(HelperGoneError, send_fault(e), None, confirmed)
         if sent != 1:
-            self._fail(HelperGoneError, f"sending to the helper failed: {sent} bytes sent", batch, confirmed)
+            self._fail(HelperGoneError, send_fault(sent), batch, confirmed)
         try:
             reply = conn.recv(2)
-        except TimeoutError:
-            self._fail(
-                RepairTimeoutError, f"no reply from the helper within {self.reply_timeout:g} s", batch, confirmed
-            )
         except OSError as e:
-            self._fail(HelperGoneError, f"connection to the helper failed: {_reason(e)}", batch, confirmed)
-        if not reply:
-            self._fail(
-                HelperGoneError,
-                "the helper closed the connection: it refused the request (see its log) or died",
-                batch,
-                confirmed,
-            )
-        if reply != command.byte:
-            self._fail(
-                WrongReplyError,
-                f"helper replied {reply!r} to command {command.name} ({command.byte!r})",
-                batch,
-                confirmed,
-            )
+            self._fail(*receive_fault(e, self.reply_timeout), batch, confirmed)
+        fault = reply_fault(reply, batch.command)
+        if fault is not None:
+            self._fail(*fault, batch, confirmed)
 
     def _fail(self, kind: type[RepairError], message: str, batch: Batch | None, confirmed: int) -> NoReturn:
-        """Close the connection (it is in doubt: never reuse it) and raise `kind`.
-
-        `batch` is the request in flight, or None if none left (nothing changed).
-        """
+        """Close the connection (it is in doubt: never reuse it) and raise `kind` (see `failure`)."""
         helper = self.helper
         self.detach()
-        if batch is None:
-            raise kind(f"{message}; nothing was sent, no socket changed", (), confirmed, helper=helper)
-        doubt = (
-            f"{len(batch.fds)} sockets of command {batch.command.name} may or may not be switched (see repair_state)"
-        )
-        if kind is RepairTimeoutError and helper is not None:
-            doubt += f" (helper pid {helper.pid} may still be switching them until it exits)"
-        raise kind(f"{message}; {doubt}", batch.fds, confirmed, helper=helper)
+        raise failure(kind, message, batch, confirmed, helper)
 
     # -- closing -----------------------------------------------------------
 
@@ -430,9 +479,7 @@ class RepairServer:
             return
         self._listener.close()
         self._listener = None
-        if self._identity is not None and _identity(self.path) == self._identity:  # never remove a replacement
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        remove_socket_file(self.path, self._identity)
 
     def close(self) -> None:
         """Close the helper connection and the listening socket, and remove the socket file we made."""
