@@ -6,8 +6,8 @@ Four views, all measured here and now:
 - the shipped helper's request loop cut into its stages (its own functions,
   called in the order serve() calls them, on real descriptors), at N = 1
   (the fixed cost of a message) and N = 253 (the cost per descriptor);
-- the whole loop, hot: the shipped serve() against the experimental loops of
-  bench/variants/lean_helper.py, each fed the same queued requests;
+- the whole loop, hot: the shipped serve() against the same loop without the
+  prior-state read (bench/variants/noprior.py), each fed the same queued requests;
 - and the import time of the installed command (`python -X importtime`).
 
 Everything runs in this process, pinned to the helper CPU, with the caches
@@ -122,12 +122,12 @@ def python_call_costs(pool: TcpPool, rounds: int) -> dict[str, float]:
 
 STAGES = (
     "recvmsg_into",
-    "parse SCM_RIGHTS (_received_fds)",
-    "check request (_check)",
+    "parse SCM_RIGHTS (_received)",
+    "check request (_VALUES)",
     "socket objects (table.views)",
     "prior state read (getsockopt)",
     "switch (setsockopt)",
-    "close (_close_all)",
+    "close (_close)",
     "reply (send)",
 )
 
@@ -161,20 +161,21 @@ def message_stages(pool: TcpPool, count: int, rounds: int, cold: bool = False) -
         t0 = clock()
         nbytes, anc, flags, _ = conn.recvmsg_into([buf], helper._ANC_SPACE)
         t1 = clock()
-        got, other = helper._received_fds(anc)
+        got, contiguous, other = helper._received(anc)
         t2 = clock()
-        command = helper._check(nbytes, buf, flags, got, other)
+        command = helper._VALUES.get(buf[0]) if nbytes == 1 and got and not (flags or other) else None
+        assert command is not None
         t3 = clock()
-        views, _kept = table.views(got)
+        views = table.views(got, contiguous)
         t4 = clock()
         [view.getsockopt(SOL_TCP, TCP_REPAIR) for view in views]
         t5 = clock()
         for view in views:
             view.setsockopt(SOL_TCP, TCP_REPAIR, command)
         t6 = clock()
-        helper._close_all(got)
+        helper._close(got, contiguous)
         t7 = clock()
-        conn.send(buf[:1])
+        conn.send(helper._REPLIES[command])
         t8 = clock()
         server.recv(16)
         if r >= 20:
@@ -190,20 +191,15 @@ def message_stages(pool: TcpPool, count: int, rounds: int, cold: bool = False) -
 
 
 def receive_costs(pool: TcpPool, rounds: int) -> dict[str, float]:
-    """Microseconds per message to receive a request and parse its descriptors, several ways, N = 1 and 253.
-
-    The shipped way is recvmsg_into() then _received_fds() (array, list);
-    the alternatives are recvmsg(), and recognising the contiguous block by
-    comparing the SCM_RIGHTS bytes with the expected ones (no list at all).
-    """
+    """Microseconds per message to receive a request and parse its descriptors, N = 1 and 253:
+    recvmsg_into() (shipped) against recvmsg(), then _received() (array, contiguity check)."""
     out: dict[str, float] = {}
     for count in (1, 253):
         fds = pool.fds[:count]
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         server, conn = socket.socketpair()
         buf = bytearray(2)
-        times: dict[str, list[int]] = {"recvmsg_into": [], "recvmsg": [], "_received_fds": [], "compare bytes": []}
-        block = b""
+        times: dict[str, list[int]] = {"recvmsg_into": [], "recvmsg": [], "_received": []}
         for r in range(rounds + 20):
             for how in ("recvmsg_into", "recvmsg"):
                 server.sendmsg([b"\x01"], ancillary)
@@ -213,19 +209,14 @@ def receive_costs(pool: TcpPool, rounds: int) -> dict[str, float]:
                 else:
                     _, anc, _, _ = conn.recvmsg(2, helper._ANC_SPACE)
                 middle = time.perf_counter_ns()
-                got, _ = helper._received_fds(anc)
+                got, contiguous, _ = helper._received(anc)
                 parsed = time.perf_counter_ns()
-                if not block:
-                    block = b"".join(fd.to_bytes(4, sys.byteorder) for fd in range(min(got), min(got) + 253))
-                same = anc[0][2] == block[: len(anc[0][2])]
-                compared = time.perf_counter_ns()
-                os.closerange(min(got), max(got) + 1)
-                if not same:
-                    raise RuntimeError("received descriptors are not the expected contiguous block")
+                helper._close(got, contiguous)
+                if not contiguous:
+                    raise RuntimeError("received descriptors are not contiguous")
                 if r >= 20:
                     times[how].append(middle - start)
-                    times["_received_fds"].append(parsed - middle)
-                    times["compare bytes"].append(compared - parsed)
+                    times["_received"].append(parsed - middle)
         server.close()
         conn.close()
         for name, values in times.items():
@@ -256,15 +247,11 @@ def small_costs(rounds: int) -> dict[str, float]:
 
     empty = timed(nothing)
     out["signal flag: waiting=True/False with try/finally"] = timed(flags) - empty
-    text = helper._NAMES
-    out["error text built per message (_check's and _apply's f-strings)"] = (
-        timed(lambda: (f"message of {'1 byte'} with {1} descriptors", f"command {text[1]} on {1} descriptors")) - empty
-    )
     return out
 
 
-def _load_lean() -> Any:
-    spec = importlib.util.spec_from_file_location("lean_helper", BENCH / "variants" / "lean_helper.py")
+def _load_variant(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, BENCH / "variants" / f"{name}.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -274,11 +261,19 @@ def _load_lean() -> Any:
 
 def whole_loop(pool: TcpPool, count: int, batch: int, repeats: int) -> dict[str, float]:
     """Microseconds per request through a whole serve() loop, hot: `batch` requests queued, then EOF."""
-    lean = _load_lean()
+    noprior = _load_variant("noprior")
+    shipped_switch = helper.switch
+
+    def without_prior_read(conn: socket.socket) -> None:
+        helper.switch = noprior.switch_without_prior_read
+        try:
+            helper.serve(conn, lambda message: None)
+        finally:
+            helper.switch = shipped_switch
+
     loops: dict[str, Callable[[socket.socket], None]] = {
         "shipped serve()": lambda conn: helper.serve(conn, lambda message: None),
-        "lean (same guarantee)": lambda conn: lean.serve(conn, True),
-        "lean without prior read (NOT exact)": lambda conn: lean.serve(conn, False),
+        "without prior read (NOT exact)": without_prior_read,
     }
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", pool.fds[:count]).tobytes())]
     totals = dict.fromkeys(loops, 0)

@@ -58,7 +58,7 @@ GOALS = {
 
 def helper_kinds(bin_dir: Path, ref: Path, experiments: bool) -> list[HelperKind]:
     """The helpers whose requests are timed: shipped Python, C reference, and the experiments."""
-    lean = str(BENCH / "variants" / "lean_helper.py")
+    noprior = str(BENCH / "variants" / "noprior.py")
     python = str(bin_dir / "python")
     kinds = [
         HelperKind("python", "Python helper", (str(bin_dir / "passt-repair"),)),
@@ -67,8 +67,7 @@ def helper_kinds(bin_dir: Path, ref: Path, experiments: bool) -> list[HelperKind
     if experiments:
         kinds += [
             HelperKind("c_exact", "C, same guarantee", (str(ref), "--exact"), experiment=True),
-            HelperKind("lean", "Python, lean loop", (python, lean), experiment=True),
-            HelperKind("noprior", "Python, lean, no prior read", (python, lean, "--variant", "noprior"), False, True),
+            HelperKind("noprior", "Python, no prior read (NOT exact)", (python, noprior), False, True),
         ]
     return kinds
 
@@ -222,18 +221,14 @@ def run(sections: Sequence[str], quick: bool, experiments: bool, counts: Sequenc
     if "directory" in sections:
         dkinds = [k for k in kinds if k.key in ("python", REFERENCE)]
         if experiments:
-            lean = (str(bin_dir / "python"), str(BENCH / "variants" / "directory_lean.py"))
             floor = (str(bin_dir / "python"), "-I", "-S", str(BENCH / "variants" / "directory_floor.py"))
-            dkinds += [
-                HelperKind("directory_lean", "Python, lean directory wait", lean, experiment=True),
-                HelperKind("directory_floor", "Python floor (inotify, connect)", floor, False, True),
-            ]
-            results["helpers"].update({k.key: _describe(k) for k in dkinds[-2:]})
+            dkinds.append(HelperKind("directory_floor", "Python floor (inotify, connect)", floor, False, True))
+            results["helpers"].update({k.key: _describe(k) for k in dkinds[-1:]})
         dkinds = usable(dkinds, startup.try_directory, "directory mode")
         results["directory"] = startup.measure_directory(dkinds, 10 if quick else 60)
     if "migration" in sections:
         log("migration benchmark (bench/bench_migration.py)")
-        results["migration"] = run_migration([4, 64] if quick else [4, 64, 253])
+        results["migration"] = run_migration([100, 1000] if quick else [100, 1000, 10_000])
     if "profile" in sections:
         try:
             results["profile"] = helper_profile.measure(bin_dir / "python", bin_dir / "passt-repair", quick)

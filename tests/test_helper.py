@@ -483,3 +483,19 @@ with RepairServer(sys.argv[1]) as server:
     server.switch([c], Command.OFF)
     print(f"after_off={int(repair_state(c))}")
 """
+
+
+def test_contiguous_descriptors_close_in_one_call(tmp_path: Path, pairs: TcpPairs) -> None:
+    """The helper keeps its descriptor table free of holes, so a message's descriptors arrive
+    contiguous and go with one close_range(): the cheap path is the one taken, message after message."""
+    socks = pairs.make(253)
+    trace = tmp_path / "strace.log"
+    prefix = ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=recvmsg,close,close_range,sendto"]
+    with raw_server_with_helper(tmp_path, prefix=prefix) as (server, helper):
+        for command in (ON, OFF_NO_WP, ON, OFF_NO_WP):
+            assert server.request(command, [s.fileno() for s in socks]) == command.byte
+    assert helper.wait() == 0
+    calls = [line.split("(", 1)[0].split()[-1] for line in trace.read_text().splitlines() if "(" in line]
+    between = "".join({"recvmsg": "r", "close": "c", "close_range": "R", "sendto": "s"}[c] for c in calls)
+    served = between[between.index("r") :]
+    assert served.startswith("rRs" * 4 + "r"), calls  # receive, one close_range, reply; four times
