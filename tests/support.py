@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from passt_repair.protocol import SOL_TCP, TCP_REPAIR
+from passt_repair.protocol import SCM_MAX_FD, SOL_TCP, TCP_REPAIR
 
 #: The installed console script, next to the interpreter running the tests.
 HELPER = Path(sys.executable).with_name("passt-repair")
@@ -233,3 +233,49 @@ def raw_server_with_helper(
             helper.wait(timeout=10)
         finally:
             helper.kill()
+
+
+class FakeHelper:
+    """A UNIX socket client that connects like a helper and answers whatever the test says (or nothing)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.sock.settimeout(20)
+
+    def request(self) -> tuple[bytes, list[int]]:
+        """Read one request; return its payload and the descriptors it carried (closed here)."""
+        data, ancillary, _, _ = self.sock.recvmsg(16, socket.CMSG_SPACE(SCM_MAX_FD * 4))
+        fds = array.array("i")
+        for _, _, payload in ancillary:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        for fd in fds:
+            os.close(fd)
+        return data, fds.tolist()
+
+    def answer(self, reply: bytes) -> None:
+        """Read one request, then send `reply` for it."""
+        self.request()
+        self.sock.send(reply)
+
+    def closed_by_server(self) -> bool:
+        """Whether the server closed the connection, with nothing (no request) left to read."""
+        try:
+            return self.sock.recv(16) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# x86_64 system call numbers, as /proc/PID/syscall shows them
+CONNECT, RECVMSG = "42", "47"
+
+
+def syscall(pid: int) -> str:
+    """The system call the process is blocked in now ("running" if none, "-1" once it is exiting)."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return "gone"

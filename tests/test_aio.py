@@ -34,7 +34,7 @@ from passt_repair import (
     WrongReplyError,
     repair_state,
 )
-from support import Helper, TcpPairs, error_lines, have, states
+from support import CONNECT, RECVMSG, FakeHelper, Helper, TcpPairs, error_lines, have, states, syscall
 
 ON, OFF, OFF_NO_WP = Command.ON, Command.OFF, Command.OFF_NO_WP
 DEBUG_LINE = re.compile(r"passt-repair: (ON|OFF|OFF_NO_WP) \(-?\d\) on (\d+) sockets in \d+ us")
@@ -55,18 +55,6 @@ async def until(condition: Callable[[], bool], what: str, timeout: float = 20.0)
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         await asyncio.sleep(0.005)
-
-
-# x86_64 system call numbers, as /proc/PID/syscall shows them
-CONNECT, RECVMSG = "42", "47"
-
-
-def syscall(pid: int) -> str:
-    """The system call the process is blocked in now ("running" if none, "-1" once it is exiting)."""
-    try:
-        return Path(f"/proc/{pid}/syscall").read_text().split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return "gone"
 
 
 def wait_connected(helper: Helper, timeout: float = 10.0) -> None:
@@ -95,34 +83,6 @@ def start(helpers: list[Helper], *args: str, prefix: Sequence[str] = ()) -> Help
     h = Helper(*args, prefix=prefix)
     helpers.append(h)
     return h
-
-
-class FakeHelper:
-    """A UNIX socket client that connects like a helper and answers whatever the test says (or nothing)."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
-        self.sock.settimeout(20)
-
-    def request(self) -> tuple[bytes, int]:
-        """Read one request; return its payload and how many descriptors it carried (closed here)."""
-        data, ancillary, _, _ = self.sock.recvmsg(16, socket.CMSG_SPACE(SCM_MAX_FD * 4))
-        fds = [int.from_bytes(raw[i : i + 4], "little") for _, _, raw in ancillary for i in range(0, len(raw) - 3, 4)]
-        for fd in fds:
-            os.close(fd)
-        return data, len(fds)
-
-    def answer(self, reply: bytes) -> None:
-        self.request()
-        self.sock.send(reply)
-
-    def closed_by_server(self) -> bool:
-        """Whether the server closed the connection, with nothing (no request) left to read."""
-        try:
-            return self.sock.recv(16) == b""
-        except ConnectionResetError:
-            return True
 
 
 # -- switching ---------------------------------------------------------------
@@ -481,7 +441,8 @@ def test_helper_that_never_replies(path: Path, pairs: TcpPairs) -> None:
             reading = asyncio.create_task(asyncio.to_thread(fake.request))
             with pytest.raises(RepairTimeoutError, match=r"no reply from the helper within 0\.5 s") as raised:
                 await server.switch([sock], ON)
-            assert await reading == (ON.byte, 1)
+            payload, fds = await reading
+            assert (payload, len(fds)) == (ON.byte, 1)
             assert isinstance(raised.value, TimeoutError)
             assert raised.value.uncertain == (sock.fileno(),)
             assert f"pid {os.getpid()} may still be switching them" in str(raised.value)  # the fake helper is us

@@ -8,7 +8,6 @@ kernel (TCP_REPAIR with getsockopt) or from the processes themselves.
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from passt_repair.server import (
     WrongReplyError,
     repair_state,
 )
-from support import Helper, TcpPairs, error_lines, have, states
+from support import CONNECT, RECVMSG, FakeHelper, Helper, TcpPairs, error_lines, have, states, syscall
 
 ON, OFF = Command.ON, Command.OFF
 
@@ -50,18 +49,6 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) 
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         time.sleep(0.005)
-
-
-# x86_64 system call numbers, as /proc/PID/syscall shows them
-CONNECT, RECVMSG = "42", "47"
-
-
-def syscall(pid: int) -> str:
-    """The system call the process is blocked in now ("running" if none, "-1" once it is exiting)."""
-    try:
-        return Path(f"/proc/{pid}/syscall").read_text().split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return "gone"
 
 
 # -- the helper is killed ------------------------------------------------------------
@@ -148,34 +135,6 @@ def test_helper_killed_while_idle_is_replaced(path: Path, pairs: TcpPairs, caplo
 
 
 # -- a helper that hangs or lies (a raw client plays the helper) ------------------------
-
-
-class FakeHelper:
-    """A UNIX socket client that connects like a helper and answers whatever the test says."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
-        self.sock.settimeout(20)
-
-    def request(self) -> tuple[bytes, list[int]]:
-        """Read one request; return its payload and close the descriptors it carried."""
-        data, ancillary, _, _ = self.sock.recvmsg(16, socket.CMSG_SPACE(SCM_MAX_FD * 4))
-        fds = array.array("i")
-        for _, _, payload in ancillary:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        for fd in fds:
-            os.close(fd)
-        return data, fds.tolist()
-
-    def closed_by_server(self) -> bool:
-        try:
-            return self.sock.recv(16) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
