@@ -36,6 +36,7 @@ from passt_repair.tcp import (
     encode,
     restore,
     resume,
+    stream_buffer,
     thaw,
 )
 from support import SETPRIV_NET_ADMIN_ONLY, Helper
@@ -517,4 +518,8 @@ def test_checkpoint_lays_the_stream_out_in_a_given_buffer(switcher: Switcher, pa
     other = checkpoint([pairs[1].server], switcher, buffer=small)
     assert bytes(other.data) == encode(other.states)
     assert small == bytearray(16)
+    ready = stream_buffer(4096)  # faulted in beforehand, as a server keeps it
+    again = checkpoint([pairs[1].server], switcher, buffer=ready)
+    assert ready[: len(again.data)] == bytes(again.data) == encode(again.states)
+    assert again.states[0].received == b"queued"
     thaw([p.server for p in pairs], switcher)

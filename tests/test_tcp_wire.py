@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from passt_repair.tcp import ConnectionState, RecordError, RepairWindow, SocketOptions, TcpState, check, decode, encode
-from passt_repair.tcp.state import MAX_QUEUE, MOVABLE_STATES
+from passt_repair.tcp.state import MAX_QUEUE, MOVABLE_STATES, assemble
 from passt_repair.tcp.wire import MAGIC, VERSION
 
 U32 = st.integers(0, 0xFFFFFFFF)
@@ -333,6 +333,35 @@ def test_fin_states_accept_what_they_mean() -> None:
     check(sample(state=TcpState.FIN_WAIT2, sent=b"", unsent=b""))
     check(sample(state=TcpState.LAST_ACK, rcv_shutdown=True))
     check(sample(state=TcpState.ESTABLISHED, rcv_shutdown=True))  # the application shut down reading
+
+
+def test_check_remembers_only_records_that_cannot_change() -> None:
+    """A record that passed is not checked again; a copy with a change is, and so is one with a growable part."""
+    good = sample(state=TcpState.FIN_WAIT2, sent=b"", unsent=b"")
+    check(good)
+    with pytest.raises(RecordError, match="FIN_WAIT2 means"):
+        check(dataclasses.replace(good, sent=b"x"))  # a new record: checked, however the old one fared
+    growing = bytearray()
+    sneaky = dataclasses.replace(good, sent=growing)  # type: ignore[arg-type]
+    check(sneaky)
+    growing += b"x"
+    with pytest.raises(RecordError, match="FIN_WAIT2 means"):
+        check(sneaky)
+    port = ["198.18.0.2", 40000]
+    listed = dataclasses.replace(good, remote=port)  # type: ignore[arg-type]
+    check(listed)
+    port[1] = 0
+    with pytest.raises(RecordError, match="remote port 0"):
+        check(listed)
+
+
+def test_assemble_makes_what_the_constructor_makes() -> None:
+    record = sample()
+    fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    assert assemble(ConnectionState, **fields) == record
+    assert repr(assemble(ConnectionState, **fields)) == repr(record)
+    with pytest.raises(AssertionError, match="every field"):
+        assemble(ConnectionState, **{k: v for k, v in fields.items() if k != "options"})
 
 
 def test_describe_and_family() -> None:
