@@ -205,6 +205,9 @@ def test_move_keeps_queues_options_and_tcp_facts(
     assert st.options.rcvbuf == options_before["rcvbuf"]
     assert (st.options.tos, st.options.mark) == (0x28, 0xC0FFEE)
     assert repair_state(s), "checkpoint leaves the socket frozen in repair mode"
+    # The dump builds records without their __init__: every field must be there, and equal a constructed copy.
+    assert dataclasses.replace(st, window=dataclasses.replace(st.window), options=dataclasses.replace(st.options)) == st
+    assert set(vars(st)) - {"_checked"} == {f.name for f in dataclasses.fields(ConnectionState)}
 
     data = encode(frozen.states)
     s.close()

@@ -355,13 +355,29 @@ def test_check_remembers_only_records_that_cannot_change() -> None:
         check(listed)
 
 
+def fields_of(record: object) -> set[str]:
+    """The attributes a record holds, the mark `check` leaves aside."""
+    return set(vars(record)) - {"_checked"}
+
+
 def test_assemble_makes_what_the_constructor_makes() -> None:
     record = sample()
     fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
-    assert assemble(ConnectionState, **fields) == record
-    assert repr(assemble(ConnectionState, **fields)) == repr(record)
-    with pytest.raises(AssertionError, match="every field"):
-        assemble(ConnectionState, **{k: v for k, v in fields.items() if k != "options"})
+    made = assemble(ConnectionState, dict(fields))
+    assert made == record
+    assert repr(made) == repr(record)
+    assert hash(made.window) == hash(record.window)
+    assert dataclasses.replace(made) == record
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_decode_makes_whole_records(copy: bool) -> None:
+    """decode builds records without their __init__: every field must be there, and nothing else."""
+    for record in decode(encode([sample(), sample6(timestamp=None, options=SocketOptions())]), copy=copy):
+        assert fields_of(record) == {f.name for f in dataclasses.fields(ConnectionState)}
+        assert fields_of(record.window) == {f.name for f in dataclasses.fields(RepairWindow)}
+        assert fields_of(record.options) == {f.name for f in dataclasses.fields(SocketOptions)}
+        assert dataclasses.replace(record) == record
 
 
 def test_describe_and_family() -> None:

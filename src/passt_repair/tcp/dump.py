@@ -52,6 +52,7 @@ _WINDOW = struct.Struct("5I")
 _INFO = struct.Struct("BBBBBBB")
 _FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _IOCTL_BUF = bytes(4)
+_STATES = {s.value: s for s in TcpState}
 
 
 class DumpError(Exception):
@@ -159,33 +160,38 @@ class Probe:
         snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = self.window
         notsent = self.notsent
         split = len(send_queue) - notsent
+        # Moving rcv_wup back with the FIN keeps the right edge the peer was told (rcv_wup + rcv_wnd).
+        window = assemble(
+            RepairWindow,
+            {
+                "snd_wl1": snd_wl1,
+                "snd_wnd": snd_wnd,
+                "max_window": max_window,
+                "rcv_wnd": (rcv_wnd + fin_in) & 0xFFFFFFFF,
+                "rcv_wup": (rcv_wup - fin_in) & 0xFFFFFFFF,
+            },
+        )
         return assemble(
             ConnectionState,
-            local=self.local,
-            remote=self.remote,
-            state=self.state,
-            snd_seq=(self.write_seq - self.fin_out - len(send_queue)) & 0xFFFFFFFF,
-            rcv_seq=(self.rcv_nxt - fin_in - len(received)) & 0xFFFFFFFF,
-            mss=self.mss,
-            window_scaling=bool(wscale),
-            snd_wscale=scales & 0xF if wscale else 0,
-            rcv_wscale=scales >> 4 if wscale else 0,
-            sack=bool(self.options & k.TCPI_OPT_SACK),
-            timestamp=self.timestamp,
-            # Moving rcv_wup back with the FIN keeps the right edge the peer was told (rcv_wup + rcv_wnd).
-            window=assemble(
-                RepairWindow,
-                snd_wl1=snd_wl1,
-                snd_wnd=snd_wnd,
-                max_window=max_window,
-                rcv_wnd=(rcv_wnd + fin_in) & 0xFFFFFFFF,
-                rcv_wup=(rcv_wup - fin_in) & 0xFFFFFFFF,
-            ),
-            sent=send_queue[:split] if notsent else send_queue,
-            unsent=send_queue[split:] if notsent else b"",
-            received=received,
-            rcv_shutdown=self.shut_rd or bool(fin_in),
-            options=self.user,
+            {
+                "local": self.local,
+                "remote": self.remote,
+                "state": self.state,
+                "snd_seq": (self.write_seq - self.fin_out - len(send_queue)) & 0xFFFFFFFF,
+                "rcv_seq": (self.rcv_nxt - fin_in - len(received)) & 0xFFFFFFFF,
+                "mss": self.mss,
+                "window_scaling": bool(wscale),
+                "snd_wscale": scales & 0xF if wscale else 0,
+                "rcv_wscale": scales >> 4 if wscale else 0,
+                "sack": bool(self.options & k.TCPI_OPT_SACK),
+                "timestamp": self.timestamp,
+                "window": window,
+                "sent": send_queue[:split] if notsent else send_queue,
+                "unsent": send_queue[split:] if notsent else b"",
+                "received": received,
+                "rcv_shutdown": self.shut_rd or bool(fin_in),
+                "options": self.user,
+            },
         )
 
 
@@ -215,10 +221,9 @@ def probe(on_fd: socket.socket, *, rcv_shutdown: bool | None = None) -> Probe:
     step = "getsockopt(TCP_INFO)"
     try:
         state_no, _, _, _, _, options, scales = _INFO.unpack(get(k.SOL_TCP, k.TCP_INFO, _INFO.size))
-        try:
-            state = TcpState(state_no)
-        except ValueError:
-            raise DumpError(f"unknown TCP state {state_no}") from None
+        state = _STATES.get(state_no)
+        if state is None:
+            raise DumpError(f"unknown TCP state {state_no}")
         if state not in MOVABLE_STATES:
             raise DumpError(f"cannot move a connection in state {state.name}")
         found.state, found.options, found.scales = state, options, scales
@@ -284,15 +289,17 @@ def _options(on_fd: socket.socket, ipv6: bool, locks: int) -> SocketOptions:
     get = on_fd.getsockopt
     return assemble(
         SocketOptions,
-        nodelay=bool(get(k.SOL_TCP, socket.TCP_NODELAY)),
-        keepalive=bool(get(socket.SOL_SOCKET, socket.SO_KEEPALIVE)),
-        keepidle=get(k.SOL_TCP, k.TCP_KEEPIDLE),
-        keepintvl=get(k.SOL_TCP, k.TCP_KEEPINTVL),
-        keepcnt=get(k.SOL_TCP, k.TCP_KEEPCNT),
-        user_timeout=get(k.SOL_TCP, k.TCP_USER_TIMEOUT),
-        congestion=get(k.SOL_TCP, k.TCP_CONGESTION, k.TCP_CA_NAME_MAX).split(b"\0", 1)[0].decode("ascii"),
-        sndbuf=get(socket.SOL_SOCKET, socket.SO_SNDBUF) if locks & k.SOCK_SNDBUF_LOCK else None,
-        rcvbuf=get(socket.SOL_SOCKET, socket.SO_RCVBUF) if locks & k.SOCK_RCVBUF_LOCK else None,
-        tos=get(socket.IPPROTO_IPV6, k.IPV6_TCLASS) if ipv6 else get(socket.IPPROTO_IP, k.IP_TOS),
-        mark=get(socket.SOL_SOCKET, k.SO_MARK) & 0xFFFFFFFF,
+        {
+            "nodelay": bool(get(k.SOL_TCP, socket.TCP_NODELAY)),
+            "keepalive": bool(get(socket.SOL_SOCKET, socket.SO_KEEPALIVE)),
+            "keepidle": get(k.SOL_TCP, k.TCP_KEEPIDLE),
+            "keepintvl": get(k.SOL_TCP, k.TCP_KEEPINTVL),
+            "keepcnt": get(k.SOL_TCP, k.TCP_KEEPCNT),
+            "user_timeout": get(k.SOL_TCP, k.TCP_USER_TIMEOUT),
+            "congestion": get(k.SOL_TCP, k.TCP_CONGESTION, k.TCP_CA_NAME_MAX).split(b"\0", 1)[0].decode("ascii"),
+            "sndbuf": get(socket.SOL_SOCKET, socket.SO_SNDBUF) if locks & k.SOCK_SNDBUF_LOCK else None,
+            "rcvbuf": get(socket.SOL_SOCKET, socket.SO_RCVBUF) if locks & k.SOCK_RCVBUF_LOCK else None,
+            "tos": get(socket.IPPROTO_IPV6, k.IPV6_TCLASS) if ipv6 else get(socket.IPPROTO_IP, k.IP_TOS),
+            "mark": get(socket.SOL_SOCKET, k.SO_MARK) & 0xFFFFFFFF,
+        },
     )

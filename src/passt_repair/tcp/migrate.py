@@ -49,7 +49,7 @@ from . import _linux as k
 from . import restore as steps
 from . import wire
 from .dump import DumpError, Probe, probe, view
-from .state import MOVABLE_STATES, ConnectionState, RecordError, TcpState, check
+from .state import MOVABLE_STATES, ConnectionState, RecordError, TcpState, check, check_new
 
 __all__ = [
     "Checkpoint",
@@ -236,6 +236,8 @@ def _read_into_stream(
         end = sent_end + found.recv_len
         try:
             state = found.read_queues(stream[start:sent_end], stream[sent_end:end])
+            # Checked here, where it fails alone: on the target, decode would refuse the whole stream.
+            check_new(state)
             stream[offset:start] = wire.record_head(state, len(states))
         except (DumpError, RecordError) as e:
             result.failures.append(Failure(index, _describe(found.view), str(e)))

@@ -23,7 +23,7 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from .state import ConnectionState, RecordError, RepairWindow, SocketOptions, TcpState, assemble, check
+from .state import ConnectionState, RecordError, RepairWindow, SocketOptions, TcpState, assemble, check, check_new
 
 __all__ = ["MAGIC", "VERSION", "decode", "encode"]
 
@@ -190,41 +190,48 @@ def _decode_record(view: memoryview, offset: int, copy: bool) -> tuple[Connectio
     received = view[pos : pos + received_len]
     pos += received_len
     family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    inet_ntop = socket.inet_ntop
     options = assemble(
         SocketOptions,
-        nodelay=bool(flags & F_NODELAY),
-        keepalive=bool(flags & F_KEEPALIVE),
-        keepidle=keepidle,
-        keepintvl=keepintvl,
-        keepcnt=keepcnt,
-        user_timeout=user_timeout,
-        congestion=name,
-        sndbuf=sndbuf if flags & F_SNDBUF else None,
-        rcvbuf=rcvbuf if flags & F_RCVBUF else None,
-        tos=tos,
-        mark=mark,
+        {
+            "nodelay": bool(flags & F_NODELAY),
+            "keepalive": bool(flags & F_KEEPALIVE),
+            "keepidle": keepidle,
+            "keepintvl": keepintvl,
+            "keepcnt": keepcnt,
+            "user_timeout": user_timeout,
+            "congestion": name,
+            "sndbuf": sndbuf if flags & F_SNDBUF else None,
+            "rcvbuf": rcvbuf if flags & F_RCVBUF else None,
+            "tos": tos,
+            "mark": mark,
+        },
+    )
+    window = assemble(
+        RepairWindow,
+        {"snd_wl1": snd_wl1, "snd_wnd": snd_wnd, "max_window": max_window, "rcv_wnd": rcv_wnd, "rcv_wup": rcv_wup},
     )
     result = assemble(
         ConnectionState,
-        local=(socket.inet_ntop(family, laddr), lport),
-        remote=(socket.inet_ntop(family, raddr), rport),
-        state=tcp_state,
-        snd_seq=snd_seq,
-        rcv_seq=rcv_seq,
-        mss=mss,
-        window_scaling=bool(flags & F_WSCALE),
-        snd_wscale=snd_wscale,
-        rcv_wscale=rcv_wscale,
-        sack=bool(flags & F_SACK),
-        timestamp=timestamp if flags & F_TIMESTAMPS else None,
-        window=assemble(
-            RepairWindow, snd_wl1=snd_wl1, snd_wnd=snd_wnd, max_window=max_window, rcv_wnd=rcv_wnd, rcv_wup=rcv_wup
-        ),
-        sent=bytes(sent) if copy else sent,
-        unsent=bytes(unsent) if copy else unsent,
-        received=bytes(received) if copy else received,
-        rcv_shutdown=bool(flags & F_RCV_SHUTDOWN),
-        options=options,
+        {
+            "local": (inet_ntop(family, laddr), lport),
+            "remote": (inet_ntop(family, raddr), rport),
+            "state": tcp_state,
+            "snd_seq": snd_seq,
+            "rcv_seq": rcv_seq,
+            "mss": mss,
+            "window_scaling": bool(flags & F_WSCALE),
+            "snd_wscale": snd_wscale,
+            "rcv_wscale": rcv_wscale,
+            "sack": bool(flags & F_SACK),
+            "timestamp": timestamp if flags & F_TIMESTAMPS else None,
+            "window": window,
+            "sent": bytes(sent) if copy else sent,
+            "unsent": bytes(unsent) if copy else unsent,
+            "received": bytes(received) if copy else received,
+            "rcv_shutdown": bool(flags & F_RCV_SHUTDOWN),
+            "options": options,
+        },
     )
-    check(result)
+    check_new(result)
     return result, pos
