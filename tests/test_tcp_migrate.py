@@ -434,7 +434,10 @@ def test_hostile_records_create_nothing(switcher: Switcher, pairs: list[Pair]) -
 
 
 def test_checkpoint_leaves_out_what_cannot_move(tmp_path: Path, pairs: list[Pair]) -> None:
-    """A listening socket, a UDP socket and a reset connection are reported; the helper never sees them."""
+    """A listening socket, a UDP socket, a reset connection, a pipe and a closed socket are reported.
+
+    The helper never sees them, and the good connection still moves.
+    """
     good, reset = Pair(), Pair()
     pairs += [good, reset]
     reset.peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -447,13 +450,23 @@ def test_checkpoint_leaves_out_what_cannot_move(tmp_path: Path, pairs: list[Pair
     ):
         listening.bind(("127.0.0.1", 0))
         listening.listen()
-        frozen = checkpoint([listening, good.server, udp, reset.server], server)
+        closed = socket.socket()
+        closed.close()
+        read_end, write_end = os.pipe()
+        try:
+            frozen = checkpoint([listening, good.server, udp, reset.server, read_end, closed], server)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
         assert server.attached, "the helper was never asked to switch what it would refuse"
         assert frozen.indices == [1]
+        assert [f.index for f in frozen.failures] == [0, 2, 3, 4, 5]
         reasons = {f.index: f.reason for f in frozen.failures}
         assert reasons[0] == "cannot move a connection in state LISTEN"
         assert reasons[2].startswith("not a TCP socket")
         assert reasons[3] == "cannot move a connection in state CLOSE"
+        assert reasons[4] == "not a socket (ENOTSOCK)"
+        assert reasons[5].startswith("not a socket")
         thaw([good.server], server)
     good.server.sendall(b"still here")
     assert recv_exactly(good.peer, 10) == b"still here"

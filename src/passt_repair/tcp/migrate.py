@@ -185,23 +185,30 @@ def checkpoint(
     """
     fds = [_fd(s) for s in sockets]
     result = Checkpoint()
-    views: list[socket.socket] = []
+    made: list[socket.socket] = []  # views of the descriptors, detached before returning
     try:
-        for fd in fds:
-            views.append(view(fd))
         # A socket the helper would refuse (not TCP, listening) fails its whole batch: leave such ones out.
-        movable: list[int] = []
-        for index, on_fd in enumerate(views):
+        on_fds: dict[int, socket.socket] = {}
+        for index, fd in enumerate(fds):
+            try:
+                on_fd = view(fd)
+            except OSError as e:
+                name = errno.errorcode.get(e.errno or 0, f"errno {e.errno}")
+                result.failures.append(Failure(index, f"descriptor {fd}", f"not a socket ({name})"))
+                continue
+            except ValueError as e:  # a closed socket's descriptor, -1
+                result.failures.append(Failure(index, f"descriptor {fd}", f"not a socket ({e})"))
+                continue
+            made.append(on_fd)
             unmovable = _unmovable(on_fd)
             if unmovable:
                 result.failures.append(Failure(index, _describe(on_fd), unmovable))
             else:
-                movable.append(index)
-        reason = _switch(switcher, [fds[i] for i in movable], Command.ON)
-        ended = _polled_rdhup([fds[i] for i in movable])
+                on_fds[index] = on_fd
+        reason = _switch(switcher, [fds[i] for i in on_fds], Command.ON)
+        ended = _polled_rdhup([fds[i] for i in on_fds])
         probes: list[tuple[int, Probe]] = []
-        for index in movable:
-            on_fd = views[index]
+        for index, on_fd in on_fds.items():
             if reason is not None and not _in_repair(fds[index]):
                 result.failures.append(Failure(index, _describe(on_fd), f"repair mode not switched on: {reason}"))
                 continue
@@ -211,8 +218,9 @@ def checkpoint(
                 result.failures.append(Failure(index, _describe(on_fd), str(e)))
         _read_into_stream(probes, result, buffer)
     finally:
-        for on_fd in views:
+        for on_fd in made:
             on_fd.detach()
+    result.failures.sort(key=lambda f: f.index)
     return result
 
 
