@@ -34,7 +34,8 @@ Not timed, and printed apart:
   such memory costs a fault in the host: the kernel's buffers for the
   restored queues come from it. Touching 200 KiB per connection once and
   freeing it (`--cold` skips this) makes 10,000 connections cost what
-  1,000 do; without it their restore takes twice as long per connection.
+  1,000 do; without it their restore took up to twice as long per
+  connection here.
   The kernel still allocates and fills every buffer inside the timing.
 
 Run as root: `python bench/bench_migration.py [--cold] [N ...]`.
