@@ -36,6 +36,7 @@ from passt_repair.tcp import (
     encode,
     restore,
     resume,
+    stream_buffer,
     thaw,
 )
 from support import SETPRIV_NET_ADMIN_ONLY, Helper
@@ -204,6 +205,9 @@ def test_move_keeps_queues_options_and_tcp_facts(
     assert st.options.rcvbuf == options_before["rcvbuf"]
     assert (st.options.tos, st.options.mark) == (0x28, 0xC0FFEE)
     assert repair_state(s), "checkpoint leaves the socket frozen in repair mode"
+    # The dump builds records without their __init__: every field must be there, and equal a constructed copy.
+    assert dataclasses.replace(st, window=dataclasses.replace(st.window), options=dataclasses.replace(st.options)) == st
+    assert set(vars(st)) - {"_checked"} == {f.name for f in dataclasses.fields(ConnectionState)}
 
     data = encode(frozen.states)
     s.close()
@@ -430,7 +434,10 @@ def test_hostile_records_create_nothing(switcher: Switcher, pairs: list[Pair]) -
 
 
 def test_checkpoint_leaves_out_what_cannot_move(tmp_path: Path, pairs: list[Pair]) -> None:
-    """A listening socket, a UDP socket and a reset connection are reported; the helper never sees them."""
+    """A listening socket, a UDP socket, a reset connection, a pipe and a closed socket are reported.
+
+    The helper never sees them, and the good connection still moves.
+    """
     good, reset = Pair(), Pair()
     pairs += [good, reset]
     reset.peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -443,13 +450,23 @@ def test_checkpoint_leaves_out_what_cannot_move(tmp_path: Path, pairs: list[Pair
     ):
         listening.bind(("127.0.0.1", 0))
         listening.listen()
-        frozen = checkpoint([listening, good.server, udp, reset.server], server)
+        closed = socket.socket()
+        closed.close()
+        read_end, write_end = os.pipe()
+        try:
+            frozen = checkpoint([listening, good.server, udp, reset.server, read_end, closed], server)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
         assert server.attached, "the helper was never asked to switch what it would refuse"
         assert frozen.indices == [1]
+        assert [f.index for f in frozen.failures] == [0, 2, 3, 4, 5]
         reasons = {f.index: f.reason for f in frozen.failures}
         assert reasons[0] == "cannot move a connection in state LISTEN"
         assert reasons[2].startswith("not a TCP socket")
         assert reasons[3] == "cannot move a connection in state CLOSE"
+        assert reasons[4] == "not a socket (ENOTSOCK)"
+        assert reasons[5].startswith("not a socket")
         thaw([good.server], server)
     good.server.sendall(b"still here")
     assert recv_exactly(good.peer, 10) == b"still here"
@@ -517,4 +534,8 @@ def test_checkpoint_lays_the_stream_out_in_a_given_buffer(switcher: Switcher, pa
     other = checkpoint([pairs[1].server], switcher, buffer=small)
     assert bytes(other.data) == encode(other.states)
     assert small == bytearray(16)
+    ready = stream_buffer(4096)  # faulted in beforehand, as a server keeps it
+    again = checkpoint([pairs[1].server], switcher, buffer=ready)
+    assert ready[: len(again.data)] == bytes(again.data) == encode(again.states)
+    assert again.states[0].received == b"queued"
     thaw([p.server for p in pairs], switcher)

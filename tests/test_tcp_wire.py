@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from passt_repair.tcp import ConnectionState, RecordError, RepairWindow, SocketOptions, TcpState, check, decode, encode
-from passt_repair.tcp.state import MAX_QUEUE, MOVABLE_STATES
+from passt_repair.tcp.state import MAX_QUEUE, MOVABLE_STATES, assemble
 from passt_repair.tcp.wire import MAGIC, VERSION
 
 U32 = st.integers(0, 0xFFFFFFFF)
@@ -333,6 +333,51 @@ def test_fin_states_accept_what_they_mean() -> None:
     check(sample(state=TcpState.FIN_WAIT2, sent=b"", unsent=b""))
     check(sample(state=TcpState.LAST_ACK, rcv_shutdown=True))
     check(sample(state=TcpState.ESTABLISHED, rcv_shutdown=True))  # the application shut down reading
+
+
+def test_check_remembers_only_records_that_cannot_change() -> None:
+    """A record that passed is not checked again; a copy with a change is, and so is one with a growable part."""
+    good = sample(state=TcpState.FIN_WAIT2, sent=b"", unsent=b"")
+    check(good)
+    with pytest.raises(RecordError, match="FIN_WAIT2 means"):
+        check(dataclasses.replace(good, sent=b"x"))  # a new record: checked, however the old one fared
+    growing = bytearray()
+    sneaky = dataclasses.replace(good, sent=growing)  # type: ignore[arg-type]
+    check(sneaky)
+    growing += b"x"
+    with pytest.raises(RecordError, match="FIN_WAIT2 means"):
+        check(sneaky)
+    port = ["198.18.0.2", 40000]
+    listed = dataclasses.replace(good, remote=port)  # type: ignore[arg-type]
+    check(listed)
+    port[1] = 0
+    with pytest.raises(RecordError, match="remote port 0"):
+        check(listed)
+
+
+def fields_of(record: object) -> set[str]:
+    """The attributes a record holds, the mark `check` leaves aside."""
+    return set(vars(record)) - {"_checked"}
+
+
+def test_assemble_makes_what_the_constructor_makes() -> None:
+    record = sample()
+    fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    made = assemble(ConnectionState, dict(fields))
+    assert made == record
+    assert repr(made) == repr(record)
+    assert hash(made.window) == hash(record.window)
+    assert dataclasses.replace(made) == record
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_decode_makes_whole_records(copy: bool) -> None:
+    """decode builds records without their __init__: every field must be there, and nothing else."""
+    for record in decode(encode([sample(), sample6(timestamp=None, options=SocketOptions())]), copy=copy):
+        assert fields_of(record) == {f.name for f in dataclasses.fields(ConnectionState)}
+        assert fields_of(record.window) == {f.name for f in dataclasses.fields(RepairWindow)}
+        assert fields_of(record.options) == {f.name for f in dataclasses.fields(SocketOptions)}
+        assert dataclasses.replace(record) == record
 
 
 def test_describe_and_family() -> None:

@@ -14,7 +14,18 @@ docs/migration.md.
 """
 
 from .dump import DumpError, dump
-from .migrate import Checkpoint, DirectSwitcher, Failure, Restored, Switcher, checkpoint, restore, resume, thaw
+from .migrate import (
+    Checkpoint,
+    DirectSwitcher,
+    Failure,
+    Restored,
+    Switcher,
+    checkpoint,
+    restore,
+    resume,
+    stream_buffer,
+    thaw,
+)
 from .restore import RestoreError
 from .state import ConnectionState, RecordError, RepairWindow, SocketOptions, TcpState, check
 from .wire import decode, encode
@@ -39,5 +50,6 @@ __all__ = [
     "encode",
     "restore",
     "resume",
+    "stream_buffer",
     "thaw",
 ]

@@ -6,23 +6,30 @@ The steps, on a socket already switched to repair mode (SPEC §6):
     (SACK, timestamps, window scaling), both window scales.
  2. TCP_MAXSEG, which in repair mode is the MSS clamp; TCP_TIMESTAMP, the
     current timestamp value, if timestamps are on.
- 3. TCP_REPAIR_WINDOW.
+ 3. TCP_REPAIR_WINDOW (EPERM here: the socket is not in repair mode).
  4. Select the send queue: SIOCOUTQ (bytes not acknowledged), SIOCOUTQNSD
-    (bytes not sent), peek the queue's bytes, TCP_QUEUE_SEQ (the sequence
-    number after its last byte).
- 5. Select the receive queue: SIOCINQ, peek its bytes, TCP_QUEUE_SEQ.
+    (bytes not sent), TCP_QUEUE_SEQ (the sequence number after its last
+    byte).
+ 5. Select the receive queue: SIOCINQ, TCP_QUEUE_SEQ.
  6. The addresses, and the socket options the application set.
- 7. Take the FINs out: after this side shut down sending, the send
+ 7. Peek the receive queue's bytes, select the send queue, peek its bytes
+    (SO_PEEK_OFF off meanwhile, if the application had set it).
+ 8. Take the FINs out: after this side shut down sending, the send
     counters and sequence count its FIN; after the peer's FIN arrived, the
     receive sequence and `rcv_wup` count it. The record holds neither.
 
-The socket is left in repair mode and otherwise unchanged (SO_PEEK_OFF is
-put back if the application had set it): closing it sends nothing, and
-switching repair off resumes it where it stopped.
+Steps 1-6 are `probe`, step 7-8 `Probe.read_queues`: a caller dumping many
+sockets probes them all first, so that it knows every queue's length and
+can peek each queue straight into its place in one buffer.
 
-Peeking uses MSG_DONTWAIT on a view of the descriptor that never polls
-first: a Python socket with a timeout would wait for the send queue to be
-readable, which in repair mode it never is (SPEC §7).
+The socket is left in repair mode and otherwise unchanged (SO_PEEK_OFF is
+put back): closing it sends nothing, and switching repair off resumes it
+where it stopped.
+
+Every step works on a view of the descriptor, a socket object the caller
+makes (`view`) and detaches when done. Peeking uses MSG_DONTWAIT on it,
+never polling first: a Python socket with a timeout would wait for the
+send queue to be readable, which in repair mode it never is (SPEC §7).
 """
 
 from __future__ import annotations
@@ -30,13 +37,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import socket
 import struct
 
 from . import _linux as k
-from .state import MOVABLE_STATES, ConnectionState, RepairWindow, SocketOptions, TcpState
+from .state import MOVABLE_STATES, ConnectionState, RepairWindow, SocketOptions, TcpState, assemble
 
-__all__ = ["DumpError", "Probe", "dump", "probe", "rcv_shutdown"]
+__all__ = ["DumpError", "Probe", "dump", "probe", "reading_ended", "view"]
 
 _U32 = struct.Struct("I")
 _INT = struct.Struct("i")
@@ -44,10 +52,17 @@ _WINDOW = struct.Struct("5I")
 _INFO = struct.Struct("BBBBBBB")
 _FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _IOCTL_BUF = bytes(4)
+_STATES = {s.value: s for s in TcpState}
 
 
 class DumpError(Exception):
     """A socket that cannot be read out: not in repair mode, not a movable state, or a call failed."""
+
+
+def view(fd: int) -> socket.socket:
+    """A socket object on `fd` for the steps; detach it when done (closing it would close `fd`)."""
+    # AF_INET6 sizes the address buffer for both families; the kernel's reply says which it is.
+    return socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, fd)
 
 
 def _ioctl(fd: int, request: int) -> int:
@@ -55,56 +70,51 @@ def _ioctl(fd: int, request: int) -> int:
     return result
 
 
-def _peek(view: socket.socket, expected: int, what: str) -> bytes:
-    if expected == 0:
-        return b""
-    # One byte more than announced: a longer queue shows up as a mismatch instead of being cut.
-    data = view.recv(expected + 1, _FLAGS)
-    if len(data) != expected:
-        raise DumpError(f"{what} queue holds {len(data)} bytes where the kernel counts {expected}")
-    return data
+def _oserror(step: str, e: OSError) -> str:
+    name = errno.errorcode.get(e.errno or 0, f"errno {e.errno}")
+    return f"{step}: {name} ({os.strerror(e.errno or 0)})"
 
 
-def rcv_shutdown(fd: int) -> bool:
+def reading_ended(fd: int) -> bool:
     """Whether reading has ended on `fd` (peer's FIN, or shutdown(SHUT_RD)): poll reports POLLRDHUP."""
-    import select
-
     poller = select.poll()
     poller.register(fd, k.POLLRDHUP)
     return bool(poller.poll(0))
 
 
 def dump(fd: int, *, rcv_shutdown: bool | None = None) -> ConnectionState:
-    """The state of the connection on `fd`, a TCP socket in repair mode (steps 1-7 above).
+    """The state of the connection on `fd`, a TCP socket in repair mode (steps 1-8 above).
 
     `rcv_shutdown`: whether reading has ended, when the caller polled many
     sockets at once; None polls this one. Raises DumpError naming the step
     that failed; the socket is unchanged then too.
     """
-    found = probe(fd, rcv_shutdown=rcv_shutdown)
-    return found.read_queues(None, None)
+    on_fd = view(fd)
+    try:
+        return probe(on_fd, rcv_shutdown=rcv_shutdown).read_queues(None, None)
+    finally:
+        on_fd.detach()
 
 
 class Probe:
-    """Steps 1-6 done on one socket, all but reading the queues' bytes (`read_queues`, step 4-5's peeks).
+    """Steps 1-6 done on one socket: everything but the queues' bytes (`read_queues`).
 
     `send_len` and `recv_len` say how many bytes the queues hold, so a
     caller can give `read_queues` room for them in a buffer of its own.
-    Until `read_queues` runs, the socket's SO_PEEK_OFF may be off.
+    `view` is the caller's view of the socket, used again by `read_queues`.
     """
 
     __slots__ = (
-        "fd", "fin_in", "fin_out", "local", "mss", "notsent", "options", "peek_off", "rcv_nxt", "recv_len",
-        "remote", "scales", "send_len", "shut_rd", "state", "timestamp", "user", "window", "write_seq",
+        "fin_in", "fin_out", "local", "mss", "notsent", "options", "rcv_nxt", "recv_len", "remote", "scales",
+        "send_len", "shut_rd", "state", "timestamp", "user", "view", "window", "write_seq",
     )  # fmt: skip
-    fd: int
+    view: socket.socket
     state: TcpState
     options: int
     scales: int
     mss: int
     timestamp: int | None
     window: tuple[int, int, int, int, int]
-    peek_off: int
     fin_out: int
     fin_in: int
     send_len: int
@@ -117,181 +127,179 @@ class Probe:
     user: SocketOptions
     shut_rd: bool
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, on_fd: socket.socket) -> None:
+        self.view = on_fd
 
     def read_queues(self, send_into: memoryview | None, recv_into: memoryview | None) -> ConnectionState:
-        """Peek both queues (into the buffers given, of exactly their lengths, or into new bytes)."""
-        view = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, self.fd)
-        steps = _Steps()
+        """Steps 7-8: peek both queues (into the buffers given, of exactly their lengths, or into new bytes)."""
+        on_fd = self.view
+        step = "getsockopt(SO_PEEK_OFF)"
         try:
-            received = _peek_queue(view, self.recv_len, recv_into, "receive", steps)
-            steps.now = "setsockopt(TCP_REPAIR_QUEUE, send queue)"
-            view.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
-            send_queue = _peek_queue(view, self.send_len, send_into, "send", steps)
-            if self.peek_off != -1:
-                steps.now = "setsockopt(SO_PEEK_OFF)"
-                view.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, self.peek_off)
+            # An application's peek offset would make the peeks skip the bytes it already peeked at.
+            peek_off = on_fd.getsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF)
+            if peek_off != -1:
+                step = "setsockopt(SO_PEEK_OFF)"
+                on_fd.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, -1)
+            try:
+                step = "recv(MSG_PEEK) on the receive queue"
+                received = _peek(on_fd, self.recv_len, recv_into, "receive")
+                step = "setsockopt(TCP_REPAIR_QUEUE, send queue)"
+                on_fd.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
+                step = "recv(MSG_PEEK) on the send queue"
+                send_queue = _peek(on_fd, self.send_len, send_into, "send")
+            finally:
+                if peek_off != -1:
+                    step = "setsockopt(SO_PEEK_OFF)"
+                    on_fd.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, peek_off)
         except OSError as e:
-            raise DumpError(_oserror(steps.now, e)) from None
-        finally:
-            view.detach()
+            raise DumpError(_oserror(step, e)) from None
         return self._state(send_queue, received)
 
     def _state(self, send_queue: bytes | memoryview, received: bytes | memoryview) -> ConnectionState:
-        fin_in, fin_out, scales, wscale = self.fin_in, self.fin_out, self.scales, self.options & k.TCPI_OPT_WSCALE
+        fin_in, scales, wscale = self.fin_in, self.scales, self.options & k.TCPI_OPT_WSCALE
         snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = self.window
-        split = len(send_queue) - self.notsent
-        return ConnectionState(
-            local=self.local,
-            remote=self.remote,
-            state=self.state,
-            snd_seq=(self.write_seq - fin_out - len(send_queue)) & 0xFFFFFFFF,
-            rcv_seq=(self.rcv_nxt - fin_in - len(received)) & 0xFFFFFFFF,
-            mss=self.mss,
-            window_scaling=bool(wscale),
-            snd_wscale=scales & 0xF if wscale else 0,
-            rcv_wscale=scales >> 4 if wscale else 0,
-            sack=bool(self.options & k.TCPI_OPT_SACK),
-            timestamp=self.timestamp,
-            # Moving rcv_wup back with the FIN keeps the right edge the peer was told (rcv_wup + rcv_wnd).
-            window=RepairWindow(
-                snd_wl1, snd_wnd, max_window, (rcv_wnd + fin_in) & 0xFFFFFFFF, (rcv_wup - fin_in) & 0xFFFFFFFF
-            ),
-            sent=send_queue[:split] if self.notsent else send_queue,
-            unsent=send_queue[split:] if self.notsent else b"",
-            received=received,
-            rcv_shutdown=bool(self.shut_rd or fin_in),
-            options=self.user,
+        notsent = self.notsent
+        split = len(send_queue) - notsent
+        # Moving rcv_wup back with the FIN keeps the right edge the peer was told (rcv_wup + rcv_wnd).
+        window = assemble(
+            RepairWindow,
+            {
+                "snd_wl1": snd_wl1,
+                "snd_wnd": snd_wnd,
+                "max_window": max_window,
+                "rcv_wnd": (rcv_wnd + fin_in) & 0xFFFFFFFF,
+                "rcv_wup": (rcv_wup - fin_in) & 0xFFFFFFFF,
+            },
+        )
+        return assemble(
+            ConnectionState,
+            {
+                "local": self.local,
+                "remote": self.remote,
+                "state": self.state,
+                "snd_seq": (self.write_seq - self.fin_out - len(send_queue)) & 0xFFFFFFFF,
+                "rcv_seq": (self.rcv_nxt - fin_in - len(received)) & 0xFFFFFFFF,
+                "mss": self.mss,
+                "window_scaling": bool(wscale),
+                "snd_wscale": scales & 0xF if wscale else 0,
+                "rcv_wscale": scales >> 4 if wscale else 0,
+                "sack": bool(self.options & k.TCPI_OPT_SACK),
+                "timestamp": self.timestamp,
+                "window": window,
+                "sent": send_queue[:split] if notsent else send_queue,
+                "unsent": send_queue[split:] if notsent else b"",
+                "received": received,
+                "rcv_shutdown": self.shut_rd or bool(fin_in),
+                "options": self.user,
+            },
         )
 
 
-def _oserror(step: str, e: OSError) -> str:
-    name = errno.errorcode.get(e.errno or 0, f"errno {e.errno}")
-    return f"{step}: {name} ({os.strerror(e.errno or 0)})"
+def _peek(on_fd: socket.socket, length: int, into: memoryview | None, what: str) -> bytes | memoryview:
+    """The selected queue's `length` bytes, peeked into `into` (returned read-only) or into new bytes."""
+    if not length:
+        return b""
+    if into is not None:
+        if on_fd.recv_into(into, length, _FLAGS) != length:
+            raise DumpError(f"{what} queue holds fewer bytes than the kernel counted ({length})")
+        return into.toreadonly()
+    # One byte more than announced: a longer queue shows up as a mismatch instead of being cut.
+    data = on_fd.recv(length + 1, _FLAGS)
+    if len(data) != length:
+        raise DumpError(f"{what} queue holds {len(data)} bytes where the kernel counts {length}")
+    return data
 
 
-def _peek_queue(
-    view: socket.socket, length: int, into: memoryview | None, what: str, steps: _Steps
-) -> bytes | memoryview:
-    steps.now = f"recv(MSG_PEEK) on the {what} queue"
-    if into is None:
-        return _peek(view, length, what)
-    if length and view.recv_into(into, length, _FLAGS) != length:
-        raise DumpError(f"{what} queue holds fewer bytes than the kernel counted ({length})")
-    return into.toreadonly()
+def probe(on_fd: socket.socket, *, rcv_shutdown: bool | None = None) -> Probe:
+    """Steps 1-6 on the socket `on_fd` views, without the queues' bytes; DumpError naming the step that failed.
 
-
-def probe(fd: int, *, rcv_shutdown: bool | None = None) -> Probe:
-    """Steps 1-6 on `fd` without the queues' bytes; DumpError naming the step that failed."""
-    # AF_INET6 sizes the address buffer for both families; the kernel's reply says which it is.
-    view = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, fd)
-    steps = _Steps()
+    `rcv_shutdown`: as for `dump`.
+    """
+    found = Probe(on_fd)
+    fd = on_fd.fileno()
+    get, set_ = on_fd.getsockopt, on_fd.setsockopt
+    step = "getsockopt(TCP_INFO)"
     try:
-        return _probe(view, fd, rcv_shutdown, steps)
+        state_no, _, _, _, _, options, scales = _INFO.unpack(get(k.SOL_TCP, k.TCP_INFO, _INFO.size))
+        state = _STATES.get(state_no)
+        if state is None:
+            raise DumpError(f"unknown TCP state {state_no}")
+        if state not in MOVABLE_STATES:
+            raise DumpError(f"cannot move a connection in state {state.name}")
+        found.state, found.options, found.scales = state, options, scales
+
+        step = "getsockopt(TCP_MAXSEG)"
+        found.mss = get(k.SOL_TCP, socket.TCP_MAXSEG)
+        found.timestamp = None
+        if options & k.TCPI_OPT_TIMESTAMPS:
+            step = "getsockopt(TCP_TIMESTAMP)"
+            found.timestamp = get(k.SOL_TCP, k.TCP_TIMESTAMP) & 0xFFFFFFFF
+
+        step = "getsockopt(TCP_REPAIR_WINDOW)"
+        found.window = _WINDOW.unpack(get(k.SOL_TCP, k.TCP_REPAIR_WINDOW, _WINDOW.size))
+
+        found.fin_out = fin_out = 1 if state.fin_sent else 0
+        # The FIN counts in SIOCOUTQ until acknowledged (FIN_WAIT2: it was), in SIOCOUTQNSD until sent.
+        fin_unacked = 1 if fin_out and state is not TcpState.FIN_WAIT2 else 0
+        step = "setsockopt(TCP_REPAIR_QUEUE, send queue)"
+        set_(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
+        step = "ioctl(SIOCOUTQ)"
+        found.send_len = outq = _ioctl(fd, k.SIOCOUTQ) - fin_unacked
+        step = "ioctl(SIOCOUTQNSD)"
+        notsent = _ioctl(fd, k.SIOCOUTQNSD)
+        if notsent and fin_out:
+            notsent -= 1
+        if not 0 <= notsent <= outq:
+            raise DumpError(f"send queue counts disagree: {outq} bytes unacknowledged, {notsent} not sent")
+        found.notsent = notsent
+        step = "getsockopt(TCP_QUEUE_SEQ, send queue)"
+        found.write_seq = _U32.unpack(get(k.SOL_TCP, k.TCP_QUEUE_SEQ, 4))[0]
+
+        step = "setsockopt(TCP_REPAIR_QUEUE, receive queue)"
+        set_(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_RECV_QUEUE)
+        step = "ioctl(SIOCINQ)"
+        found.recv_len = _ioctl(fd, k.SIOCINQ)  # the kernel leaves the peer's FIN out of this count itself
+        step = "getsockopt(TCP_QUEUE_SEQ, receive queue)"
+        found.rcv_nxt = _U32.unpack(get(k.SOL_TCP, k.TCP_QUEUE_SEQ, 4))[0]
+
+        step = "getsockname()"
+        found.local = local = on_fd.getsockname()[:2]
+        step = "getpeername()"
+        found.remote = on_fd.getpeername()[:2]
+        step = "getsockopt(SO_BUF_LOCK)"
+        try:
+            locks = get(socket.SOL_SOCKET, k.SO_BUF_LOCK)
+        except OSError as e:
+            if e.errno != errno.ENOPROTOOPT:
+                raise
+            locks = 0  # before Linux 5.14 there is no telling; treat the sizes as the kernel's own
+        step = "getsockopt() of a user option"
+        found.user = _options(on_fd, ":" in local[0], locks)
     except OSError as e:
-        raise DumpError(_oserror(steps.now, e)) from None
-    finally:
-        view.detach()
-
-
-class _Steps:
-    """The step being run, for the error message if a call fails."""
-
-    __slots__ = ("now",)
-
-    def __init__(self) -> None:
-        self.now = ""
-
-
-def _probe(view: socket.socket, fd: int, shut_rd: bool | None, steps: _Steps) -> Probe:
-    found = Probe(fd)
-    steps.now = "getsockopt(TCP_REPAIR)"
-    if not view.getsockopt(k.SOL_TCP, k.TCP_REPAIR):
-        raise DumpError("socket is not in repair mode")
-
-    steps.now = "getsockopt(TCP_INFO)"
-    state_no, _, _, _, _, options, scales = _INFO.unpack(view.getsockopt(k.SOL_TCP, k.TCP_INFO, _INFO.size))
-    try:
-        state = TcpState(state_no)
-    except ValueError:
-        raise DumpError(f"unknown TCP state {state_no}") from None
-    if state not in MOVABLE_STATES:
-        raise DumpError(f"cannot move a connection in state {state.name}")
-    found.state, found.options, found.scales = state, options, scales
-
-    steps.now = "getsockopt(TCP_MAXSEG)"
-    found.mss = view.getsockopt(k.SOL_TCP, socket.TCP_MAXSEG)
-    found.timestamp = None
-    if options & k.TCPI_OPT_TIMESTAMPS:
-        steps.now = "getsockopt(TCP_TIMESTAMP)"
-        found.timestamp = view.getsockopt(k.SOL_TCP, k.TCP_TIMESTAMP) & 0xFFFFFFFF
-
-    steps.now = "getsockopt(TCP_REPAIR_WINDOW)"
-    found.window = _WINDOW.unpack(view.getsockopt(k.SOL_TCP, k.TCP_REPAIR_WINDOW, _WINDOW.size))
-
-    steps.now = "getsockopt(SO_PEEK_OFF)"
-    found.peek_off = view.getsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF)
-    if found.peek_off != -1:
-        view.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, -1)
-    found.fin_out = fin_out = 1 if state.fin_sent else 0
-    # The FIN counts in SIOCOUTQ until acknowledged (FIN_WAIT2: it was), in SIOCOUTQNSD until sent.
-    fin_unacked = 1 if fin_out and state != TcpState.FIN_WAIT2 else 0
-    steps.now = "setsockopt(TCP_REPAIR_QUEUE, send queue)"
-    view.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
-    steps.now = "ioctl(SIOCOUTQ)"
-    found.send_len = outq = _ioctl(fd, k.SIOCOUTQ) - fin_unacked
-    steps.now = "ioctl(SIOCOUTQNSD)"
-    notsent = _ioctl(fd, k.SIOCOUTQNSD)
-    if notsent and fin_out:
-        notsent -= 1
-    if not 0 <= notsent <= outq:
-        raise DumpError(f"send queue counts disagree: {outq} bytes unacknowledged, {notsent} not sent")
-    found.notsent = notsent
-    steps.now = "getsockopt(TCP_QUEUE_SEQ, send queue)"
-    found.write_seq = _U32.unpack(view.getsockopt(k.SOL_TCP, k.TCP_QUEUE_SEQ, 4))[0]
-
-    steps.now = "setsockopt(TCP_REPAIR_QUEUE, receive queue)"
-    view.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_RECV_QUEUE)
-    steps.now = "ioctl(SIOCINQ)"
-    found.recv_len = _ioctl(fd, k.SIOCINQ)  # the kernel leaves the peer's FIN out of this count itself
-    steps.now = "getsockopt(TCP_QUEUE_SEQ, receive queue)"
-    found.rcv_nxt = _U32.unpack(view.getsockopt(k.SOL_TCP, k.TCP_QUEUE_SEQ, 4))[0]
-
-    steps.now = "getsockname()"
-    found.local = view.getsockname()[:2]
-    steps.now = "getpeername()"
-    found.remote = view.getpeername()[:2]
-    family = socket.AF_INET6 if ":" in found.local[0] else socket.AF_INET
-    found.user = _options(view, family, steps)
+        if e.errno == errno.EPERM and step == "getsockopt(TCP_REPAIR_WINDOW)":
+            raise DumpError("socket is not in repair mode") from None
+        raise DumpError(_oserror(step, e)) from None
     found.fin_in = 1 if state.fin_received else 0
-    found.shut_rd = rcv_shutdown(fd) if shut_rd is None else shut_rd
+    found.shut_rd = reading_ended(fd) if rcv_shutdown is None else rcv_shutdown
     return found
 
 
-def _options(view: socket.socket, family: socket.AddressFamily, steps: _Steps) -> SocketOptions:
+def _options(on_fd: socket.socket, ipv6: bool, locks: int) -> SocketOptions:
     """Step 6: the options an application sets."""
-    get = view.getsockopt
-    steps.now = "getsockopt(SO_BUF_LOCK)"
-    try:
-        locks = get(socket.SOL_SOCKET, k.SO_BUF_LOCK)
-    except OSError as e:
-        if e.errno != errno.ENOPROTOOPT:
-            raise
-        locks = 0  # before Linux 5.14 there is no telling; treat the sizes as the kernel's own
-    steps.now = "getsockopt(TCP_CONGESTION)"
-    congestion = get(k.SOL_TCP, k.TCP_CONGESTION, k.TCP_CA_NAME_MAX).split(b"\0", 1)[0].decode("ascii")
-    steps.now = "getsockopt() of a user option"
-    return SocketOptions(
-        nodelay=bool(get(k.SOL_TCP, socket.TCP_NODELAY)),
-        keepalive=bool(get(socket.SOL_SOCKET, socket.SO_KEEPALIVE)),
-        keepidle=get(k.SOL_TCP, k.TCP_KEEPIDLE),
-        keepintvl=get(k.SOL_TCP, k.TCP_KEEPINTVL),
-        keepcnt=get(k.SOL_TCP, k.TCP_KEEPCNT),
-        user_timeout=get(k.SOL_TCP, k.TCP_USER_TIMEOUT),
-        congestion=congestion,
-        sndbuf=get(socket.SOL_SOCKET, socket.SO_SNDBUF) if locks & k.SOCK_SNDBUF_LOCK else None,
-        rcvbuf=get(socket.SOL_SOCKET, socket.SO_RCVBUF) if locks & k.SOCK_RCVBUF_LOCK else None,
-        tos=get(socket.IPPROTO_IPV6, k.IPV6_TCLASS) if family == socket.AF_INET6 else get(socket.IPPROTO_IP, k.IP_TOS),
-        mark=get(socket.SOL_SOCKET, k.SO_MARK) & 0xFFFFFFFF,
+    get = on_fd.getsockopt
+    return assemble(
+        SocketOptions,
+        {
+            "nodelay": bool(get(k.SOL_TCP, socket.TCP_NODELAY)),
+            "keepalive": bool(get(socket.SOL_SOCKET, socket.SO_KEEPALIVE)),
+            "keepidle": get(k.SOL_TCP, k.TCP_KEEPIDLE),
+            "keepintvl": get(k.SOL_TCP, k.TCP_KEEPINTVL),
+            "keepcnt": get(k.SOL_TCP, k.TCP_KEEPCNT),
+            "user_timeout": get(k.SOL_TCP, k.TCP_USER_TIMEOUT),
+            "congestion": get(k.SOL_TCP, k.TCP_CONGESTION, k.TCP_CA_NAME_MAX).split(b"\0", 1)[0].decode("ascii"),
+            "sndbuf": get(socket.SOL_SOCKET, socket.SO_SNDBUF) if locks & k.SOCK_SNDBUF_LOCK else None,
+            "rcvbuf": get(socket.SOL_SOCKET, socket.SO_RCVBUF) if locks & k.SOCK_RCVBUF_LOCK else None,
+            "tos": get(socket.IPPROTO_IPV6, k.IPV6_TCLASS) if ipv6 else get(socket.IPPROTO_IP, k.IP_TOS),
+            "mark": get(socket.SOL_SOCKET, k.SO_MARK) & 0xFFFFFFFF,
+        },
     )

@@ -48,8 +48,8 @@ from ..server import RepairError, SocketLike
 from . import _linux as k
 from . import restore as steps
 from . import wire
-from .dump import DumpError, Probe, probe
-from .state import MOVABLE_STATES, ConnectionState, RecordError, TcpState, check
+from .dump import DumpError, Probe, probe, view
+from .state import MOVABLE_STATES, ConnectionState, RecordError, TcpState, check, check_new
 
 __all__ = [
     "Checkpoint",
@@ -60,6 +60,7 @@ __all__ = [
     "checkpoint",
     "restore",
     "resume",
+    "stream_buffer",
     "thaw",
 ]
 
@@ -176,35 +177,50 @@ def checkpoint(
     be switched or read is in `failures` (still in repair mode if the switch
     reached it); the others are in `states`.
 
-    The encoded stream (`data`) is laid out in `buffer` if it is big enough
-    (a caller moving connections in rounds can reuse one and spare the page
-    faults of fresh memory), else in a new mapping. The states and `data`
-    are views of it: do not reuse it until they are done with, `resume`
-    included.
+    The encoded stream (`data`) is laid out in `buffer` if it is big enough,
+    else in a new mapping (`stream_buffer`). A caller that keeps a buffer
+    ready (made by `stream_buffer` beforehand, or used before) spares the
+    dump the page faults of fresh memory. The states and `data` are views
+    of it: do not reuse it until they are done with, `resume` included.
     """
     fds = [_fd(s) for s in sockets]
     result = Checkpoint()
-    # A socket the helper would refuse (not TCP, listening) fails its whole batch: leave such ones out.
-    movable: list[int] = []
-    for index, fd in enumerate(fds):
-        unmovable = _unmovable(fd)
-        if unmovable:
-            result.failures.append(Failure(index, _describe_fd(fd), unmovable))
-        else:
-            movable.append(index)
-    reason = _switch(switcher, [fds[i] for i in movable], Command.ON)
-    ended = _polled_rdhup([fds[i] for i in movable])
-    probes: list[tuple[int, Probe]] = []
-    for index in movable:
-        fd = fds[index]
-        if reason is not None and not _in_repair(fd):
-            result.failures.append(Failure(index, _describe_fd(fd), f"repair mode not switched on: {reason}"))
-            continue
-        try:
-            probes.append((index, probe(fd, rcv_shutdown=fd in ended)))
-        except DumpError as e:
-            result.failures.append(Failure(index, _describe_fd(fd), str(e)))
-    _read_into_stream(probes, result, buffer)
+    made: list[socket.socket] = []  # views of the descriptors, detached before returning
+    try:
+        # A socket the helper would refuse (not TCP, listening) fails its whole batch: leave such ones out.
+        on_fds: dict[int, socket.socket] = {}
+        for index, fd in enumerate(fds):
+            try:
+                on_fd = view(fd)
+            except OSError as e:
+                name = errno.errorcode.get(e.errno or 0, f"errno {e.errno}")
+                result.failures.append(Failure(index, f"descriptor {fd}", f"not a socket ({name})"))
+                continue
+            except ValueError as e:  # a closed socket's descriptor, -1
+                result.failures.append(Failure(index, f"descriptor {fd}", f"not a socket ({e})"))
+                continue
+            made.append(on_fd)
+            unmovable = _unmovable(on_fd)
+            if unmovable:
+                result.failures.append(Failure(index, _describe(on_fd), unmovable))
+            else:
+                on_fds[index] = on_fd
+        reason = _switch(switcher, [fds[i] for i in on_fds], Command.ON)
+        ended = _polled_rdhup([fds[i] for i in on_fds])
+        probes: list[tuple[int, Probe]] = []
+        for index, on_fd in on_fds.items():
+            if reason is not None and not _in_repair(fds[index]):
+                result.failures.append(Failure(index, _describe(on_fd), f"repair mode not switched on: {reason}"))
+                continue
+            try:
+                probes.append((index, probe(on_fd, rcv_shutdown=fds[index] in ended)))
+            except DumpError as e:
+                result.failures.append(Failure(index, _describe(on_fd), str(e)))
+        _read_into_stream(probes, result, buffer)
+    finally:
+        for on_fd in made:
+            on_fd.detach()
+    result.failures.sort(key=lambda f: f.index)
     return result
 
 
@@ -212,46 +228,58 @@ def _read_into_stream(
     probes: list[tuple[int, Probe]], result: Checkpoint, buffer: mmap.mmap | bytearray | None
 ) -> None:
     """Peek every queue straight into its place in one buffer laid out as the encoded stream."""
+    header_size = wire.HEADER_SIZE
     heads = [wire.head_size(p.local[0], p.user.congestion) for _, p in probes]
-    total = len(wire.header(0)) + sum(h + p.send_len + p.recv_len for h, (_, p) in zip(heads, probes, strict=True))
-    stream = memoryview(buffer)[:total] if buffer is not None and len(buffer) >= total else memoryview(_buffer(total))
-    offset = len(wire.header(0))
+    total = header_size + sum(h + p.send_len + p.recv_len for h, (_, p) in zip(heads, probes, strict=True))
+    if buffer is not None and len(buffer) >= total:
+        stream = memoryview(buffer)[:total]
+    else:
+        stream = memoryview(stream_buffer(total, populate=False))
+    offset = header_size
     whole = True
+    states, indices = result.states, result.indices
     for head, (index, found) in zip(heads, probes, strict=True):
-        start, sent_end = offset + head, offset + head + found.send_len
+        start = offset + head
+        sent_end = start + found.send_len
         end = sent_end + found.recv_len
         try:
             state = found.read_queues(stream[start:sent_end], stream[sent_end:end])
-            stream[offset:start] = wire.record_head(state, len(result.states))
+            # Checked here, where it fails alone: on the target, decode would refuse the whole stream.
+            check_new(state)
+            stream[offset:start] = wire.record_head(state, len(states))
         except (DumpError, RecordError) as e:
-            result.failures.append(Failure(index, _describe_fd(found.fd), str(e)))
+            result.failures.append(Failure(index, _describe(found.view), str(e)))
             whole = False
         else:
-            result.states.append(state)
-            result.indices.append(index)
+            states.append(state)
+            indices.append(index)
         offset = end
     if whole:
-        stream[: len(wire.header(0))] = wire.header(len(result.states))
+        stream[:header_size] = wire.header(len(states))
         result.data = stream.toreadonly()
     else:  # a record is missing from the buffer: make the stream again from what was read
-        result.data = wire.encode(result.states)
+        result.data = wire.encode(states)
 
 
-def _buffer(size: int) -> mmap.mmap:
-    """Anonymous memory for `size` bytes, its own mapping: freed whole when the last view of it goes."""
-    return mmap.mmap(-1, max(size, 1))
+def stream_buffer(size: int, *, populate: bool = True) -> mmap.mmap:
+    """Private anonymous memory for `size` bytes of stream, for `checkpoint(..., buffer=...)`.
+
+    Its own mapping: freed whole when the last view of it goes. With
+    `populate` every page is faulted in now (MAP_POPULATE), which costs
+    less than faulting them one by one during the dump: a server that
+    moves connections can keep such a buffer ready.
+    """
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (mmap.MAP_POPULATE if populate else 0)
+    return mmap.mmap(-1, max(size, 1), flags=flags)
 
 
-def _unmovable(fd: int) -> str | None:
-    """Why the socket on `fd` cannot move, read without privilege; None if it can."""
-    view = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+def _unmovable(on_fd: socket.socket) -> str | None:
+    """Why the socket `on_fd` views cannot move, read without privilege; None if it can."""
     try:
-        state = view.getsockopt(SOL_TCP, k.TCP_INFO, 1)[0]
+        state = on_fd.getsockopt(SOL_TCP, k.TCP_INFO, 1)[0]
     except OSError as e:
         name = errno.errorcode.get(e.errno or 0, f"errno {e.errno}")
         return f"not a TCP socket (getsockopt(TCP_INFO): {name})"
-    finally:
-        view.detach()
     if state in MOVABLE_STATES:
         return None
     try:
@@ -261,14 +289,11 @@ def _unmovable(fd: int) -> str | None:
     return f"cannot move a connection in state {label}"
 
 
-def _describe_fd(fd: int) -> str:
-    view = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, fd)
+def _describe(on_fd: socket.socket) -> str:
     try:
-        local, remote = view.getsockname()[:2], view.getpeername()[:2]
+        local, remote = on_fd.getsockname()[:2], on_fd.getpeername()[:2]
     except OSError:
-        return f"descriptor {fd}"
-    finally:
-        view.detach()
+        return f"descriptor {on_fd.fileno()}"
     return f"{local[0]}:{local[1]} -> {remote[0]}:{remote[1]}"
 
 

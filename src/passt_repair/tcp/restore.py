@@ -137,6 +137,7 @@ def fill(sock: socket.socket, state: ConnectionState, defaults: Defaults) -> Non
         if state.received:
             step = "writing the receive queue"
             grown |= _write_queue(sock, state.received, socket.SO_RCVBUF, k.SOCK_RCVBUF_LOCK)
+        # Even with nothing to write: with the send queue selected, FIN_WAIT2's FIN below is marked sent, not sent.
         step = "setsockopt(TCP_REPAIR_QUEUE, send queue)"
         set_(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
         if state.sent:

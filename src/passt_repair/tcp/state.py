@@ -9,8 +9,10 @@ includes a FIN: the state says which FINs were sent and received.
 from __future__ import annotations
 
 import enum
+import re
 import socket
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 __all__ = [
     "MAX_QUEUE",
@@ -20,7 +22,9 @@ __all__ = [
     "RepairWindow",
     "SocketOptions",
     "TcpState",
+    "assemble",
     "check",
+    "check_new",
 ]
 
 
@@ -140,6 +144,8 @@ class ConnectionState:
     received: bytes | memoryview = b""
     rcv_shutdown: bool = False
     options: SocketOptions = field(default_factory=SocketOptions)
+    #: Set by `check` once the record passed (not a field: `replace` and `==` ignore it).
+    _checked = False
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -161,6 +167,26 @@ def _endpoint(addr: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
+_Record = TypeVar("_Record", "ConnectionState", "RepairWindow", "SocketOptions")
+
+
+def assemble(cls: type[_Record], fields: dict[str, Any]) -> _Record:
+    """`cls(**fields)` for `fields` holding every field, at a third of the cost of the frozen __init__.
+
+    That __init__ makes one object.__setattr__ call per field; this gives
+    the new record `fields` as its attributes at once. For the readers that
+    make records per connection (`dump`, `wire.decode`); tests check that
+    what they make equals what the constructor makes.
+    """
+    record = _new(cls)
+    _setattr(record, "__dict__", fields)
+    return record
+
+
+_new = object.__new__
+_setattr = object.__setattr__
+
+
 class RecordError(ValueError):
     """A state record that cannot describe a real connection, or bytes that do not hold records."""
 
@@ -180,6 +206,9 @@ def _after(a: int, b: int) -> bool:
     return 0 < ((a - b) & 0xFFFFFFFF) < 0x80000000
 
 
+_UNSPECIFIED = (bytes(4), bytes(16))
+
+
 def _check_address(what: str, addr: tuple[str, int], family: socket.AddressFamily) -> None:
     host, port = addr
     try:
@@ -193,7 +222,7 @@ def _check_address(what: str, addr: tuple[str, int], family: socket.AddressFamil
         versions = ("IPv6", "IPv4") if family == socket.AF_INET else ("IPv4", "IPv6")
         raise RecordError(f"{what} address {host} is {versions[0]}, the other end {versions[1]}") from None
     multicast = packed[0] == 0xFF if family == socket.AF_INET6 else 224 <= packed[0] <= 239
-    if multicast or not any(packed):
+    if multicast or packed in _UNSPECIFIED:
         raise RecordError(f"{what} address {host} cannot be one end of a TCP connection")
     if not 0 < port < 65536:
         raise RecordError(f"{what} port {port} is out of range (1-65535)")
@@ -206,42 +235,85 @@ def check(state: ConnectionState) -> None:
     repair window) before any socket is made, and what only a broken or
     hostile record gets wrong (a FIN_WAIT2 connection with unacknowledged
     data, a closed receive side that is not marked so).
+
+    A record whose parts cannot change (tuples, bytes or views, the frozen
+    window and options) is checked once: it is remembered as checked, so
+    the checks that `decode` (or `checkpoint`), `encode` and `restore` each
+    make cost nothing the second time. `dataclasses.replace` makes a new
+    record, which is checked again.
     """
-    if not isinstance(state.state, TcpState) or state.state not in MOVABLE_STATES:
-        name = state.state.name if isinstance(state.state, TcpState) else repr(state.state)
+    if state._checked:
+        return
+    _check_state(state)
+    if (
+        type(state.local) is tuple
+        and type(state.remote) is tuple
+        and type(state.window) is RepairWindow
+        and type(state.options) is SocketOptions
+        and type(state.sent) in _FIXED_LENGTH
+        and type(state.unsent) in _FIXED_LENGTH
+        and type(state.received) in _FIXED_LENGTH
+    ):
+        _setattr(state, "_checked", True)
+
+
+def check_new(state: ConnectionState) -> None:
+    """`check` for a record its caller just made from parts that cannot change (as `wire.decode` does)."""
+    _check_state(state)
+    _setattr(state, "_checked", True)
+
+
+#: Queue types whose length cannot change (a bytearray's could, after the check).
+_FIXED_LENGTH = (bytes, memoryview)
+_U32 = 0xFFFFFFFF
+
+
+def _check_state(state: ConnectionState) -> None:
+    tcp_state = state.state
+    if not isinstance(tcp_state, TcpState) or tcp_state not in MOVABLE_STATES:
+        name = tcp_state.name if isinstance(tcp_state, TcpState) else repr(tcp_state)
         raise RecordError(f"state {name} cannot be moved (movable: ESTABLISHED and the closing states)")
     family = socket.AF_INET6 if ":" in state.local[0] else socket.AF_INET
     _check_address("local", state.local, family)
     _check_address("remote", state.remote, family)
-    for name in ("snd_seq", "rcv_seq"):
-        if not 0 <= getattr(state, name) <= 0xFFFFFFFF:
-            raise RecordError(f"{name} {getattr(state, name)} is not a 32-bit sequence number")
+    if not 0 <= state.snd_seq <= _U32:
+        raise RecordError(f"snd_seq {state.snd_seq} is not a 32-bit sequence number")
+    if not 0 <= state.rcv_seq <= _U32:
+        raise RecordError(f"rcv_seq {state.rcv_seq} is not a 32-bit sequence number")
     if not 1 <= state.mss <= 0xFFFF:
         raise RecordError(f"MSS {state.mss} is out of range (1-65535)")
     if not (0 <= state.snd_wscale <= MAX_WSCALE and 0 <= state.rcv_wscale <= MAX_WSCALE):
         raise RecordError(f"window scale {state.snd_wscale}/{state.rcv_wscale} is out of range (0-{MAX_WSCALE})")
     if not state.window_scaling and (state.snd_wscale or state.rcv_wscale):
         raise RecordError("window scales without window scaling")
-    if state.timestamp is not None and not 0 <= state.timestamp <= 0xFFFFFFFF:
+    if state.timestamp is not None and not 0 <= state.timestamp <= _U32:
         raise RecordError(f"timestamp {state.timestamp} is not a 32-bit value")
-    for name in ("sent", "unsent", "received"):
-        if len(getattr(state, name)) > MAX_QUEUE:
-            raise RecordError(f"{name} queue of {len(getattr(state, name))} bytes is oversized (limit {MAX_QUEUE})")
-    if state.state == TcpState.FIN_WAIT2 and (state.sent or state.unsent):
+    sent, unsent, received = len(state.sent), len(state.unsent), len(state.received)
+    if max(sent, unsent, received) > MAX_QUEUE:
+        name, size = next(q for q in (("sent", sent), ("unsent", unsent), ("received", received)) if q[1] > MAX_QUEUE)
+        raise RecordError(f"{name} queue of {size} bytes is oversized (limit {MAX_QUEUE})")
+    if tcp_state is TcpState.FIN_WAIT2 and (sent or unsent):
         raise RecordError("FIN_WAIT2 means everything sent was acknowledged, yet the send queue is not empty")
-    if state.state.fin_received and not state.rcv_shutdown:
-        raise RecordError(f"{state.state.name} means the peer's FIN arrived, yet reading is not shut down")
+    if tcp_state.fin_received and not state.rcv_shutdown:
+        raise RecordError(f"{tcp_state.name} means the peer's FIN arrived, yet reading is not shut down")
     w = state.window
-    for name in ("snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup"):
-        if not 0 <= getattr(w, name) <= 0xFFFFFFFF:
-            raise RecordError(f"window {name} {getattr(w, name)} is not a 32-bit value")
+    values = (w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
+    if min(values) < 0 or max(values) > _U32:
+        for name, value in zip(("snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup"), values, strict=True):
+            if not 0 <= value <= _U32:
+                raise RecordError(f"window {name} {value} is not a 32-bit value")
     if w.max_window < w.snd_wnd:
         raise RecordError(f"window: max_window {w.max_window} is below snd_wnd {w.snd_wnd}")
-    if _after(w.rcv_wup, state.rcv_nxt):
-        raise RecordError(f"window: rcv_wup {w.rcv_wup} is after the next expected sequence {state.rcv_nxt}")
-    if _after(w.snd_wl1, (state.rcv_nxt + w.rcv_wnd) & 0xFFFFFFFF):
+    rcv_nxt = (state.rcv_seq + received) & _U32
+    if _after(w.rcv_wup, rcv_nxt):
+        raise RecordError(f"window: rcv_wup {w.rcv_wup} is after the next expected sequence {rcv_nxt}")
+    if _after(w.snd_wl1, (rcv_nxt + w.rcv_wnd) & _U32):
         raise RecordError(f"window: snd_wl1 {w.snd_wl1} is beyond the receive window")
     _check_options(state.options)
+
+
+#: A congestion control name as the kernel spells one (TCP_CA_NAME_MAX 16, NUL included).
+_CONGESTION_NAME = re.compile(rf"[A-Za-z0-9_-]{{0,{CONGESTION_NAME_MAX}}}")
 
 
 def _check_options(o: SocketOptions) -> None:
@@ -253,14 +325,13 @@ def _check_options(o: SocketOptions) -> None:
         raise RecordError(f"TCP_KEEPCNT {o.keepcnt} is out of range (1-{MAX_KEEPCNT})")
     if not 0 <= o.user_timeout <= 0x7FFFFFFF:
         raise RecordError(f"TCP_USER_TIMEOUT {o.user_timeout} is out of range")
-    name_ok = all(c.isascii() and (c.isalnum() or c in "_-") for c in o.congestion)
-    if len(o.congestion) > CONGESTION_NAME_MAX or not name_ok:
+    if not isinstance(o.congestion, str) or not _CONGESTION_NAME.fullmatch(o.congestion):
         raise RecordError(f"TCP_CONGESTION {o.congestion!r} is not a congestion control name")
-    for name in ("sndbuf", "rcvbuf"):
-        value = getattr(o, name)
-        if value is not None and not 1 <= value <= 0x7FFFFFFF:
-            raise RecordError(f"SO_{name.upper()} {value} is out of range")
+    if o.sndbuf is not None and not 1 <= o.sndbuf <= 0x7FFFFFFF:
+        raise RecordError(f"SO_SNDBUF {o.sndbuf} is out of range")
+    if o.rcvbuf is not None and not 1 <= o.rcvbuf <= 0x7FFFFFFF:
+        raise RecordError(f"SO_RCVBUF {o.rcvbuf} is out of range")
     if not 0 <= o.tos <= 0xFF:
         raise RecordError(f"TOS/traffic class {o.tos} is out of range (0-255)")
-    if not 0 <= o.mark <= 0xFFFFFFFF:
+    if not 0 <= o.mark <= _U32:
         raise RecordError(f"SO_MARK {o.mark} is not a 32-bit value")

@@ -23,7 +23,7 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from .state import ConnectionState, RecordError, RepairWindow, SocketOptions, TcpState, check
+from .state import ConnectionState, RecordError, RepairWindow, SocketOptions, TcpState, assemble, check, check_new
 
 __all__ = ["MAGIC", "VERSION", "decode", "encode"]
 
@@ -31,6 +31,7 @@ MAGIC = b"PRTC"
 VERSION = 1
 
 _HEADER = struct.Struct("!4sHHI")
+HEADER_SIZE = _HEADER.size
 
 F_SACK = 1 << 0
 F_TIMESTAMPS = 1 << 1
@@ -48,6 +49,7 @@ _KNOWN_FLAGS = F_SACK | F_TIMESTAMPS | F_RCV_SHUTDOWN | F_NODELAY | F_KEEPALIVE 
 _FIXED = "IBBH{0}sH{0}sHIIHBBI5IHHBIBIIIBIII"
 _FIXED_BY_FAMILY = {4: struct.Struct("!" + _FIXED.format(4)), 6: struct.Struct("!" + _FIXED.format(16))}
 _FAMILY_AT = 4  # offset of the family byte in a record
+_STATES = {s.value: s for s in TcpState}
 
 
 def _flags(s: ConnectionState) -> int:
@@ -168,58 +170,68 @@ def _decode_record(view: memoryview, offset: int, copy: bool) -> tuple[Connectio
         raise RecordError(f"inconsistent: the record says {length} bytes, its parts add up to {parts}")
     if flags & ~_KNOWN_FLAGS:
         raise RecordError(f"unknown flags {flags & ~_KNOWN_FLAGS:#x}")
-    try:
-        tcp_state = TcpState(state)
-    except ValueError:
-        raise RecordError(f"unknown TCP state {state}") from None
+    tcp_state = _STATES.get(state)
+    if tcp_state is None:
+        raise RecordError(f"unknown TCP state {state}")
     if not flags & F_TIMESTAMPS and timestamp:
         raise RecordError("a timestamp value without the timestamps flag")
     if (sndbuf and not flags & F_SNDBUF) or (rcvbuf and not flags & F_RCVBUF):
         raise RecordError("a buffer size without its flag")
     pos = offset + fixed.size
     try:
-        name = bytes(view[pos : pos + name_len]).decode("ascii")
+        name = str(view[pos : pos + name_len], "ascii")
     except UnicodeDecodeError:
         raise RecordError("congestion control name is not ASCII") from None
     pos += name_len
-    take = bytes if copy else memoryview
-    sent = take(view[pos : pos + sent_len])
+    sent = view[pos : pos + sent_len]
     pos += sent_len
-    unsent = take(view[pos : pos + unsent_len])
+    unsent = view[pos : pos + unsent_len]
     pos += unsent_len
-    received = take(view[pos : pos + received_len])
+    received = view[pos : pos + received_len]
     pos += received_len
     family = socket.AF_INET6 if version == 6 else socket.AF_INET
-    result = ConnectionState(
-        local=(socket.inet_ntop(family, laddr), lport),
-        remote=(socket.inet_ntop(family, raddr), rport),
-        state=tcp_state,
-        snd_seq=snd_seq,
-        rcv_seq=rcv_seq,
-        mss=mss,
-        window_scaling=bool(flags & F_WSCALE),
-        snd_wscale=snd_wscale,
-        rcv_wscale=rcv_wscale,
-        sack=bool(flags & F_SACK),
-        timestamp=timestamp if flags & F_TIMESTAMPS else None,
-        window=RepairWindow(snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup),
-        sent=sent,
-        unsent=unsent,
-        received=received,
-        rcv_shutdown=bool(flags & F_RCV_SHUTDOWN),
-        options=SocketOptions(
-            nodelay=bool(flags & F_NODELAY),
-            keepalive=bool(flags & F_KEEPALIVE),
-            keepidle=keepidle,
-            keepintvl=keepintvl,
-            keepcnt=keepcnt,
-            user_timeout=user_timeout,
-            congestion=name,
-            sndbuf=sndbuf if flags & F_SNDBUF else None,
-            rcvbuf=rcvbuf if flags & F_RCVBUF else None,
-            tos=tos,
-            mark=mark,
-        ),
+    inet_ntop = socket.inet_ntop
+    options = assemble(
+        SocketOptions,
+        {
+            "nodelay": bool(flags & F_NODELAY),
+            "keepalive": bool(flags & F_KEEPALIVE),
+            "keepidle": keepidle,
+            "keepintvl": keepintvl,
+            "keepcnt": keepcnt,
+            "user_timeout": user_timeout,
+            "congestion": name,
+            "sndbuf": sndbuf if flags & F_SNDBUF else None,
+            "rcvbuf": rcvbuf if flags & F_RCVBUF else None,
+            "tos": tos,
+            "mark": mark,
+        },
     )
-    check(result)
+    window = assemble(
+        RepairWindow,
+        {"snd_wl1": snd_wl1, "snd_wnd": snd_wnd, "max_window": max_window, "rcv_wnd": rcv_wnd, "rcv_wup": rcv_wup},
+    )
+    result = assemble(
+        ConnectionState,
+        {
+            "local": (inet_ntop(family, laddr), lport),
+            "remote": (inet_ntop(family, raddr), rport),
+            "state": tcp_state,
+            "snd_seq": snd_seq,
+            "rcv_seq": rcv_seq,
+            "mss": mss,
+            "window_scaling": bool(flags & F_WSCALE),
+            "snd_wscale": snd_wscale,
+            "rcv_wscale": rcv_wscale,
+            "sack": bool(flags & F_SACK),
+            "timestamp": timestamp if flags & F_TIMESTAMPS else None,
+            "window": window,
+            "sent": bytes(sent) if copy else sent,
+            "unsent": bytes(unsent) if copy else unsent,
+            "received": bytes(received) if copy else received,
+            "rcv_shutdown": bool(flags & F_RCV_SHUTDOWN),
+            "options": options,
+        },
+    )
+    check_new(result)
     return result, pos
