@@ -276,6 +276,17 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     rss = results.get("throughput", {}).get("rss", {}).get("python")
     if rss:
         add("peak RSS after 100,000 sockets (MiB)", rss["peak"] / MIB, GOALS["rss_mib"])
+    migration = results.get("migration", {})
+    if "ms_for_1000" in migration:
+        limit = migration["goals"]["ms_for_1000"]
+        add("migration of 1,000 connections, end to end (ms)", migration["ms_for_1000"], limit)
+    if "ratio_per_connection" in migration:
+        big, small = migration["ratio_of"]
+        add(
+            f"migration per connection, {big:,} / {small:,}",
+            migration["ratio_per_connection"],
+            migration["goals"]["ratio_per_connection"],
+        )
     return out
 
 
@@ -397,14 +408,33 @@ def table(results: dict[str, Any]) -> str:
         if "skipped" in m:
             lines.append(f"skipped: {m['skipped']}")
         else:
-            lines += ["| figure | value |", "|---|---:|"]
-            lines += [f"| {name} | {value:.4g} |" for name, value in _flatten(m)]
+            lines += migration_table(m)
     if "profile" in results:
         lines += ["", *profile_table(results["profile"])]
     if results.get("skipped_experiments"):
         lines += ["", "Left out of this run:", ""]
         lines += [f"- {what}: {why}" for what, why in results["skipped_experiments"].items()]
     return "\n".join(lines)
+
+
+def migration_table(m: dict[str, Any]) -> list[str]:
+    """Total and per-connection cost of each run, split into its parts (ms)."""
+    parts = list(m["runs"][0]["parts_s"])
+    lines = [
+        "| N | total ms | us/conn | " + " | ".join(parts) + " |",
+        "|---:|---:|---:|" + "---:|" * len(parts),
+    ]
+    for run in m["runs"]:
+        cells = " | ".join(f"{run['parts_s'][p] * 1e3:.1f}" for p in parts)
+        total, each = run["total_s"] * 1e3, run["per_connection_us"]
+        lines.append(f"| {run['connections']:,} | {total:.1f} | {each:.0f} | {cells} |")
+    warm = "not warmed (--cold)" if m.get("cold") else "warmed"
+    lines += [
+        "",
+        f"Not in the totals: the stream buffer, faulted in beforehand ({m['runs'][-1]['buffer_bytes'] / 1e6:.0f} MB), "
+        f"and memory {warm} before the timed part (bench/bench_migration.py says why).",
+    ]
+    return lines
 
 
 def profile_table(p: dict[str, Any]) -> list[str]:
@@ -453,18 +483,6 @@ def profile_table(p: dict[str, Any]) -> list[str]:
 
 def _label(helpers: dict[str, Any], key: str) -> str:
     return "in-process" if key == rtt.INPROC else str(helpers.get(key, {}).get("label", key))
-
-
-def _flatten(value: Any, prefix: str = "") -> list[tuple[str, float]]:
-    if isinstance(value, bool):
-        return []
-    if isinstance(value, (int, float)):
-        return [(prefix, float(value))]
-    if isinstance(value, dict):
-        return [item for k, v in value.items() for item in _flatten(v, f"{prefix}.{k}" if prefix else str(k))]
-    if isinstance(value, (list, tuple)):
-        return [item for i, v in enumerate(value) for item in _flatten(v, f"{prefix}[{i}]")]
-    return []
 
 
 # ---------------------------------------------------------------------------
