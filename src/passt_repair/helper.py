@@ -60,7 +60,7 @@ class UsageError(HelperError):
     """A bad invocation: exit status 2."""
 
 
-_NAMES = {1: "ON (1)", 0: "OFF (0)", -1: "OFF_NO_WP (-1)"}
+_NAMES = {int(c): f"{c.name} ({int(c)})" for c in Command}
 
 
 def _oserror(what: str, e: OSError) -> str:
