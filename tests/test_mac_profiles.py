@@ -44,7 +44,7 @@ def need(tool: str, package: str) -> None:
 # -- AppArmor: the parser ------------------------------------------------------------
 
 
-def apparmor_parse(profile: Path, *include_dirs: Path) -> subprocess.CompletedProcess[str]:
+def apparmor_parse(profile: Path, *include_dirs: Path) -> subprocess.CompletedProcess[bytes]:
     """Compile the profile to stdout (-S), loading nothing (-Q) and caching nothing (-K)."""
     includes = [arg for d in include_dirs for arg in ("-I", str(d))]
     return subprocess.run(
