@@ -208,6 +208,7 @@ def test_without_root_it_says_so() -> None:
         (("--helper", "/nonexistent/helper"), "not an executable file"),
         (("--helper",), "--helper needs a value"),
         (("--only", "no-such-thing"), "no guarantee named no-such-thing"),
+        (("--directory", "/nonexistent/dir"), "not a directory"),
         (("extra",), "unexpected argument extra"),
     ],
 )
@@ -218,6 +219,14 @@ def test_usage_errors(args: tuple[str, ...], fragment: str) -> None:
     assert done.stderr.startswith("passt-repair-check: error: ")
     assert fragment in done.stderr
     assert len(done.stderr.splitlines()) == 1
+
+
+def test_sockets_made_where_asked_and_cleaned_up(tmp_path: Path) -> None:
+    """--directory: under a MAC policy the kit's servers must sit where the helper may connect."""
+    done = run_check("--directory", str(tmp_path), "--only", "command-on,directory-existing,directory-late-listen")
+    assert failing(done.stdout) == set(), done.stdout
+    assert done.returncode == 0
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_help_names_every_guarantee() -> None:

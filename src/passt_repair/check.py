@@ -40,7 +40,7 @@ from .protocol import SCM_MAX_FD, SOL_TCP, TCP_REPAIR, Command
 __all__ = ["GUARANTEES", "Guarantee", "main"]
 
 PROG = "passt-repair-check"
-USAGE = f"usage: {PROG} [--helper PATH] [--only NAME[,NAME...]] [-- HELPER-ARGS...]"
+USAGE = f"usage: {PROG} [--helper PATH] [--only NAME[,NAME...]] [--directory DIR] [-- HELPER-ARGS...]"
 EXIT_ALL_HOLD, EXIT_SOME_FAIL, EXIT_CANNOT_RUN = 0, 1, 2
 
 #: How long a helper gets to connect, to answer, and to exit. Generous: a loaded machine is slow,
@@ -531,6 +531,8 @@ class Options:
     #: The helper's command line, without the socket path.
     command: list[str]
     guarantees: tuple[Guarantee, ...]
+    #: Where the scratch directory with the repair sockets is made (None: the system's temporary directory).
+    directory: str | None = None
     help: bool = False
 
 
@@ -544,13 +546,18 @@ def _parse(argv: Sequence[str]) -> Options:
     if "--help" in args or "-h" in args:
         return Options([], (), help=True)
     helper: str | None = None
+    directory: str | None = None
     chosen: tuple[Guarantee, ...] = GUARANTEES
     while args:
         arg = args.pop(0)
-        if arg in ("--helper", "--only") and not args:
+        if arg in ("--helper", "--only", "--directory") and not args:
             raise CannotRun(f"{arg} needs a value ({USAGE})")
         if arg == "--helper":
             helper = args.pop(0)
+        elif arg == "--directory":
+            directory = args.pop(0)
+            if not os.path.isdir(directory):
+                raise CannotRun(f"--directory {directory}: not a directory")
         elif arg == "--only":
             names = args.pop(0).split(",")
             unknown = set(names) - {g.name for g in GUARANTEES}
@@ -566,7 +573,7 @@ def _parse(argv: Sequence[str]) -> Options:
     found = shutil.which(helper) if "/" not in helper else helper
     if found is None or not os.access(found, os.X_OK) or os.path.isdir(found):
         raise CannotRun(f"--helper {helper}: not an executable file")
-    return Options([os.path.abspath(found), *extra], chosen)
+    return Options([os.path.abspath(found), *extra], chosen, directory)
 
 
 HELP = f"""{USAGE}
@@ -579,6 +586,10 @@ options:
   --helper PATH  the helper to check (default: the passt-repair installed
                  beside this interpreter, else the one on PATH)
   --only NAMES   check only these guarantees (comma-separated)
+  --directory DIR
+                 make the servers' sockets under DIR (default: the system's
+                 temporary directory); under an AppArmor or SELinux policy,
+                 a directory the helper is allowed to reach
 
 guarantees: {", ".join(g.name for g in GUARANTEES)}
 
@@ -604,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = 0
     sockets = Sockets(SCM_MAX_FD)
     try:
-        with tempfile.TemporaryDirectory(prefix=f"{PROG}.") as scratch:
+        with tempfile.TemporaryDirectory(prefix=f"{PROG}.", dir=options.directory) as scratch:
             rig = Rig(options.command, sockets, Path(scratch))
             for guarantee in options.guarantees:
                 try:
