@@ -8,8 +8,10 @@ check is shown to fail when, and only when, its guarantee is broken.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -221,12 +223,24 @@ def test_usage_errors(args: tuple[str, ...], fragment: str) -> None:
     assert len(done.stderr.splitlines()) == 1
 
 
-def test_sockets_made_where_asked_and_cleaned_up(tmp_path: Path) -> None:
+def test_sockets_made_where_asked_and_cleaned_up() -> None:
     """--directory: under a MAC policy the kit's servers must sit where the helper may connect."""
-    done = run_check("--directory", str(tmp_path), "--only", "command-on,directory-existing,directory-late-listen")
-    assert failing(done.stdout) == set(), done.stdout
-    assert done.returncode == 0
-    assert list(tmp_path.iterdir()) == []
+    with tempfile.TemporaryDirectory(prefix="kit.", dir="/tmp") as directory:
+        done = run_check("--directory", directory, "--only", "command-on,directory-existing,directory-late-listen")
+        assert failing(done.stdout) == set(), done.stdout
+        assert done.returncode == 0
+        assert os.listdir(directory) == []
+
+
+def test_a_directory_too_deep_for_socket_paths(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    done = run_check("--directory", str(deep))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.startswith("passt-repair-check: error: ")
+    assert "too deep for the sockets' paths (107 bytes)" in done.stderr
+    assert list(deep.iterdir()) == []
 
 
 def test_help_names_every_guarantee() -> None:

@@ -49,6 +49,8 @@ _WAIT = 5.0
 #: The descriptor limit the truncation check starts the helper with: room for an interpreter's
 #: start-up, far less than the 253 descriptors of the message it then receives.
 _TRUNCATING_NOFILE = 64
+#: sun_path holds 108 bytes, the terminating NUL included.
+_SUN_PATH_MAX = 107
 #: CPU time a helper may use while waiting one second for a late listen(); a spinning one uses ~1 s.
 _WAITING_CPU_LIMIT = 0.1
 
@@ -611,22 +613,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CannotRun as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_CANNOT_RUN
+    with tempfile.TemporaryDirectory(prefix="prc.", dir=options.directory) as scratch:
+        longest = f"{scratch}/{len(options.guarantees) + 10}/watched/vm.socket.repair"
+        if len(os.fsencode(longest)) > _SUN_PATH_MAX:
+            print(f"{PROG}: error: {scratch}: too deep for the sockets' paths ({_SUN_PATH_MAX} bytes)", file=sys.stderr)
+            return EXIT_CANNOT_RUN
+        return _run(options, Path(scratch))
+
+
+def _run(options: Options, scratch: Path) -> int:
+    """Each guarantee in turn, one line each; the exit status."""
     print(f"{PROG}: checking {' '.join(options.command)}", flush=True)
     failed = 0
     sockets = Sockets(SCM_MAX_FD)
     try:
-        with tempfile.TemporaryDirectory(prefix=f"{PROG}.", dir=options.directory) as scratch:
-            rig = Rig(options.command, sockets, Path(scratch))
-            for guarantee in options.guarantees:
-                try:
-                    line = f"holds  {guarantee.name}: {guarantee.check(rig)}"
-                except CheckFailed as e:
-                    failed += 1
-                    line = f"FAILS  {guarantee.name}: {e}"
-                except OSError as e:
-                    failed += 1
-                    line = f"FAILS  {guarantee.name}: {e.strerror or e}"
-                print(line, flush=True)
+        rig = Rig(options.command, sockets, scratch)
+        for guarantee in options.guarantees:
+            try:
+                line = f"holds  {guarantee.name}: {guarantee.check(rig)}"
+            except CheckFailed as e:
+                failed += 1
+                line = f"FAILS  {guarantee.name}: {e}"
+            except OSError as e:
+                failed += 1
+                line = f"FAILS  {guarantee.name}: {e.strerror or e}"
+            print(line, flush=True)
     finally:
         sockets.close()
     print(f"{len(options.guarantees) - failed} of {len(options.guarantees)} guarantees hold", flush=True)
