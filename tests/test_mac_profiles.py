@@ -18,14 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+import passt_repair
 from passt_repair.protocol import Command
-from support import HELPER, Helper, RawServer, TcpPairs, have
+from support import HELPER, RawServer, TcpPairs, have
 
 ROOT = Path(__file__).resolve().parent.parent
 APPARMOR = ROOT / "contrib" / "apparmor" / "passt-repair-python"
@@ -243,28 +244,68 @@ def traced_accesses(log: Path) -> Iterator[Access]:
 
 
 TRACE = ["strace", "-f", "-qq", "-e", "trace=open,openat,execve,connect,inotify_add_watch"]
+SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 
-def test_apparmor_profile_covers_what_the_helper_does(tmp_path: Path) -> None:
-    """strace the installed helper serving requests, once on passt's default socket path and once in
-    directory mode on a directory added the documented way; every access must be granted."""
-    need("strace", "strace")
+@dataclass(frozen=True)
+class Installation:
+    launcher: Path
+    #: Lines for local/passt-repair-python.vars that make the profile fit this installation.
+    local: list[str]
+
+
+def venv_installation(tmp_path: Path) -> Installation:
+    """The installed command the tests run: a virtual environment; its prefix and base interpreter added locally."""
     launcher = Path(os.path.realpath(HELPER))
     prefix = launcher.parent.parent  # PREFIX/bin/passt-repair
+    python = os.path.realpath(sys.base_prefix)
+    return Installation(launcher, [f"@{{passt_repair_prefix}} += {prefix}", f"@{{passt_repair_python}} += {python}"])
+
+
+def system_python_installation(tmp_path: Path) -> Installation:
+    """The launcher and package under a prefix of their own (as /opt/passt-repair), run by the distribution's
+    own interpreter: its standard library must be covered by the profile's defaults (only the prefix is added)."""
+    if not SYSTEM_PYTHON.exists():
+        pytest.skip(f"no {SYSTEM_PYTHON}")
+    version = subprocess.run(
+        [str(SYSTEM_PYTHON), "-I", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if tuple(map(int, version.split("."))) < (3, 10):
+        pytest.skip(f"{SYSTEM_PYTHON} is Python {version}, older than the package supports")
+    prefix = tmp_path / "opt"
+    (prefix / "bin").mkdir(parents=True)
+    shutil.copy(os.path.realpath(HELPER), prefix / "bin" / "passt-repair")
+    (prefix / "bin" / "python3").symlink_to(SYSTEM_PYTHON)
+    package = Path(passt_repair.__file__).parent
+    shutil.copytree(
+        package,
+        prefix / "lib" / f"python{version}" / "site-packages" / "passt_repair",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    return Installation(prefix / "bin" / "passt-repair", [f"@{{passt_repair_prefix}} += {prefix}"])
+
+
+@pytest.mark.parametrize("installation", [venv_installation, system_python_installation], ids=["venv", "system-python"])
+def test_apparmor_profile_covers_what_the_helper_does(
+    tmp_path: Path, installation: Callable[[Path], Installation]
+) -> None:
+    """strace the helper serving requests, once on passt's default socket path and once in directory mode
+    on a directory added the documented way; every access must be granted by the profile."""
+    need("strace", "strace")
+    install = installation(tmp_path)
     watched = tmp_path / "vms"
     watched.mkdir()
     local = "\n".join(
-        [
-            f"@{{passt_repair_prefix}} += {prefix}",
-            f"@{{passt_repair_python}} += {os.path.realpath(sys.base_prefix)}",
-            f"@{{passt_repair_sockets}} += {watched}/*.repair",
-            f"@{{passt_repair_dirs}} += {watched}/",
-        ]
+        [*install.local, f"@{{passt_repair_sockets}} += {watched}/*.repair", f"@{{passt_repair_dirs}} += {watched}/"]
     )
     text = APPARMOR.read_text()
-    rules = read_rules(text, read_variables(text, local))
+    variables = read_variables(text, local)
+    rules = read_rules(text, variables)
     attachment = profile_body(text).split(" {", 1)[0]
-    assert any(re.fullmatch(glob_to_regex(p), str(launcher)) for p in expand(attachment, read_variables(text, local)))
+    assert any(re.fullmatch(glob_to_regex(p), str(install.launcher)) for p in expand(attachment, variables))
 
     pairs = TcpPairs()
     logs = [tmp_path / "socket-mode.trace", tmp_path / "directory-mode.trace"]
@@ -275,27 +316,30 @@ def test_apparmor_profile_covers_what_the_helper_does(tmp_path: Path) -> None:
         os.unlink(default)  # passt's default location: /tmp/passt_N.socket, hence .socket.repair
         server = RawServer(Path(default))
         try:
-            helper = Helper(default, prefix=[*TRACE, "-o", str(logs[0])])
+            helper = _traced(install.launcher, default, logs[0])
             _serve(server, socks)
         finally:
             server.close()
             os.unlink(default)
-        assert helper.wait() == 0, helper.stderr
+        _assert_exited_cleanly(helper)
 
-        helper = Helper(str(watched), prefix=[*TRACE, "-o", str(logs[1])])
+        helper = _traced(install.launcher, str(watched), logs[1])
         time.sleep(0.5)  # the helper starts watching; the socket comes later
         server = RawServer(watched / "vm.socket.repair")
         try:
             _serve(server, socks)
         finally:
             server.close()
-        assert helper.wait() == 0, helper.stderr
+        _assert_exited_cleanly(helper)
     finally:
         pairs.close()
 
     accesses = {a for log in logs for a in traced_accesses(log)}
-    launched = {a for a in accesses if a.call == "execve" and a.path == str(launcher)}
+    launched = {a for a in accesses if a.call == "execve" and a.path == str(install.launcher)}
     assert launched  # the launcher's own exec is the attachment, judged by the caller's profile
+    interpreter = os.path.realpath(install.launcher.parent / "python3")
+    assert Access(interpreter, "x", "execve") in accesses  # the interpreter of this installation ran
+    assert any(a.path.startswith(f"{Path(interpreter).parent.parent}/lib/python3") for a in accesses)
     needed = accesses - launched
     assert {a.call for a in needed} >= {"execve", "openat", "connect", "inotify_add_watch"}
     bytecode = {a for a in needed if a.permission == "w" and "/__pycache__/" in a.path}
@@ -304,6 +348,20 @@ def test_apparmor_profile_covers_what_the_helper_does(tmp_path: Path) -> None:
         f"{a.permission} {a.path} ({a.call})" for a in needed - bytecode if not allowed(rules, a.path, a.permission)
     )
     assert missing == [], "\n".join(missing)
+
+
+def _traced(launcher: Path, target: str, log: Path) -> subprocess.Popen[str]:
+    argv = [*TRACE, "-o", str(log), str(launcher), target]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_exited_cleanly(helper: subprocess.Popen[str]) -> None:
+    try:
+        _, err = helper.communicate(timeout=20)
+    finally:
+        helper.kill()
+    assert helper.returncode == 0, err
+    assert "error" not in err, err
 
 
 def _serve(server: RawServer, socks: list[socket.socket]) -> None:

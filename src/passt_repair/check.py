@@ -238,7 +238,7 @@ class Rig:
     @contextlib.contextmanager
     def session(self, nofile: int | None = None) -> Iterator[tuple[Connection, Helper]]:
         """A raw server on a fresh socket path, a fresh helper connected to it."""
-        directory = self._directory()
+        directory = self.fresh_directory()
         with _listening(directory / "check.repair") as listener:
             helper = Helper(self.command, directory / "check.repair", directory / "stderr", nofile)
             try:
@@ -253,7 +253,7 @@ class Rig:
     @contextlib.contextmanager
     def helper_in_directory(self) -> Iterator[tuple[Path, Helper]]:
         """A fresh helper started on an empty directory (directory mode)."""
-        directory = self._directory()
+        directory = self.fresh_directory()
         watched = directory / "watched"
         watched.mkdir()
         helper = Helper(self.command, watched, directory / "stderr")
@@ -262,7 +262,7 @@ class Rig:
         finally:
             helper.stop()
 
-    def _directory(self) -> Path:
+    def fresh_directory(self) -> Path:
         self._runs += 1
         directory = self.scratch / str(self._runs)
         directory.mkdir()
@@ -463,7 +463,7 @@ def check_directory_created_later(rig: Rig) -> str:
 
 def check_directory_existing(rig: Rig) -> str:
     fds = rig.sockets.fds(1)
-    directory = rig._directory()
+    directory = rig.fresh_directory()
     with _listening(directory / "vm.socket.repair") as listener:
         helper = Helper(rig.command, directory, rig.scratch / f"{directory.name}.stderr")
         try:
