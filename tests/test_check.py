@@ -243,6 +243,15 @@ def test_a_directory_too_deep_for_socket_paths(tmp_path: Path) -> None:
     assert list(deep.iterdir()) == []
 
 
+def test_too_few_descriptors_for_the_test_sockets() -> None:
+    """The kit needs 253 connected pairs; with a hard limit below that it says so instead of failing every check."""
+    done = run_check(prefix=("prlimit", "--nofile=200:200"))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.startswith("passt-repair-check: error: cannot make 253 loopback TCP connections (open files")
+    assert len(done.stderr.splitlines()) == 1
+
+
 def test_help_names_every_guarantee() -> None:
     done = run_check("--help")
     assert done.returncode == 0

@@ -621,11 +621,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(options, Path(scratch))
 
 
+def _test_sockets() -> Sockets:
+    """253 connected loopback pairs, the descriptor limit raised to make room if it can be."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4 * SCM_MAX_FD
+    if soft < wanted and (hard == resource.RLIM_INFINITY or hard > soft):
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard)
+        )
+    try:
+        return Sockets(SCM_MAX_FD)
+    except OSError as e:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        raise CannotRun(
+            f"cannot make {SCM_MAX_FD} loopback TCP connections (open files limit {limit}): {e.strerror}"
+        ) from None
+
+
 def _run(options: Options, scratch: Path) -> int:
     """Each guarantee in turn, one line each; the exit status."""
+    try:
+        sockets = _test_sockets()
+    except CannotRun as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_CANNOT_RUN
     print(f"{PROG}: checking {' '.join(options.command)}", flush=True)
     failed = 0
-    sockets = Sockets(SCM_MAX_FD)
     try:
         rig = Rig(options.command, sockets, scratch)
         for guarantee in options.guarantees:
