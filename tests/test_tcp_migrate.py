@@ -28,6 +28,7 @@ from passt_repair.tcp import (
     DumpError,
     RecordError,
     Restored,
+    StepError,
     Switcher,
     TcpState,
     checkpoint,
@@ -539,3 +540,103 @@ def test_checkpoint_lays_the_stream_out_in_a_given_buffer(switcher: Switcher, pa
     assert ready[: len(again.data)] == bytes(again.data) == encode(again.states)
     assert again.states[0].received == b"queued"
     thaw([p.server for p in pairs], switcher)
+
+
+def test_checkpoint_reports_a_unix_stream_socket(switcher: Switcher, pairs: list[Pair]) -> None:
+    """A connected AF_UNIX stream socket (unnamed: its address is '') is a failure like any other non-TCP one."""
+    good = Pair()
+    pairs.append(good)
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    named = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with left, right, named:
+        frozen = checkpoint([left, good.server, named, right], switcher)
+        assert frozen.indices == [1]
+        assert [f.index for f in frozen.failures] == [0, 2, 3]
+        for failure in frozen.failures:
+            assert failure.reason.startswith("not a TCP socket"), failure
+            assert failure.connection.startswith("descriptor "), failure
+        left.sendall(b"unix still works")
+        assert right.recv(64) == b"unix still works"
+    thaw([good.server], switcher)
+    good.server.sendall(b"still here")
+    assert recv_exactly(good.peer, 10) == b"still here"
+
+
+# -- steps asked twice: refused, nothing changed -----------------------------
+
+
+def _stalled(family: socket.AddressFamily = socket.AF_INET) -> tuple[Pair, int]:
+    """A pair whose server has 3 MB unsent behind the peer's closed window, in a buffer with room for more."""
+    pair = Pair(family, peer_rcvbuf=4096)
+    pair.server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    pair.server.setblocking(False)
+    queued = pair.server.send(bytes(3 << 20))
+    pair.server.setblocking(True)
+    assert queued == 3 << 20
+    return pair, queued
+
+
+def test_resume_twice_is_refused_and_changes_nothing(switcher: Switcher, pairs: list[Pair]) -> None:
+    """A second resume() must not push the unsent bytes again (nor reset the connection when they do not fit)."""
+    pair, queued = _stalled()
+    pairs.append(pair)
+    frozen = checkpoint([pair.server], switcher)
+    assert len(frozen.states[0].unsent) > 2 << 20, "megabytes behind the zero window"
+    pair.server.close()
+    restored = restore(decode(encode(frozen.states)), switcher)
+    resume(restored, switcher)
+    assert restored.failures == []
+    new = restored.sockets[0]
+    assert new is not None
+    with pytest.raises(StepError, match=r"resume\(\): connection 0 \(.*\) is already resumed"):
+        resume(restored, switcher)
+    assert restored.failures == []
+    assert restored.sockets[0] is new
+    assert not repair_state(new)
+    assert recv_exactly(pair.peer, queued) == bytes(queued)
+    new.sendall(b"end")
+    assert recv_exactly(pair.peer, 3) == b"end", "every byte once, then what came after: nothing sent twice"
+    new.close()
+    assert pair.peer.recv(1) == b""
+
+
+def test_restore_of_states_already_restored_is_refused(switcher: Switcher, pairs: list[Pair]) -> None:
+    """The same states restored again while their sockets are open: refused before any socket is made."""
+    pair = Pair()
+    pairs.append(pair)
+    pair.peer.sendall(b"queued")
+    time.sleep(0.05)
+    frozen = checkpoint([pair.server], switcher)
+    pair.server.close()
+    states = decode(encode(frozen.states))
+    first = restore(states, switcher)
+    assert first.failures == []
+    before = open_fds()
+    with pytest.raises(StepError, match=r"restore\(\): record 0 \(.*\) is already restored"):
+        restore(states, switcher)
+    assert open_fds() == before
+    assert dataclasses.replace(states[0]) == states[0], "the mark is not part of the record"
+    old = first.sockets[0]
+    assert old is not None
+    old.close()  # in repair mode: silent, and the record may be restored anew
+    again = restore(states, switcher)
+    resume(again, switcher)
+    assert again.failures == []
+    new = again.sockets[0]
+    assert new is not None
+    new.settimeout(10)
+    assert recv_exactly(new, 6) == b"queued"
+    new.sendall(b"moved")
+    assert recv_exactly(pair.peer, 5) == b"moved"
+    new.close()
+
+
+def test_thaw_twice_is_refused(switcher: Switcher, pairs: list[Pair]) -> None:
+    pair = Pair()
+    pairs.append(pair)
+    checkpoint([pair.server], switcher)
+    thaw([pair.server], switcher)
+    with pytest.raises(StepError, match=r"thaw\(\): connection 0 \(.*\) is not frozen"):
+        thaw([pair.server], switcher)
+    pair.server.sendall(b"carry on")
+    assert recv_exactly(pair.peer, 8) == b"carry on"
