@@ -149,6 +149,7 @@ OPTIONS = [
     ("sndbuf", socket.SOL_SOCKET, socket.SO_SNDBUF, 300000),
     ("rcvbuf", socket.SOL_SOCKET, socket.SO_RCVBUF, 200000),
     ("mark", socket.SOL_SOCKET, 36, 0xC0FFEE),
+    ("notsent_lowat", SOL_TCP, 25, 131072),  # TCP_NOTSENT_LOWAT
 ]
 
 

@@ -301,5 +301,6 @@ def _options(on_fd: socket.socket, ipv6: bool, locks: int) -> SocketOptions:
             "rcvbuf": get(socket.SOL_SOCKET, socket.SO_RCVBUF) if locks & k.SOCK_RCVBUF_LOCK else None,
             "tos": get(socket.IPPROTO_IPV6, k.IPV6_TCLASS) if ipv6 else get(socket.IPPROTO_IP, k.IP_TOS),
             "mark": get(socket.SOL_SOCKET, k.SO_MARK) & 0xFFFFFFFF,
+            "notsent_lowat": get(k.SOL_TCP, k.TCP_NOTSENT_LOWAT) & 0xFFFFFFFF,
         },
     )

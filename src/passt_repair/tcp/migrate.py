@@ -240,7 +240,8 @@ def _read_into_stream(
     """Peek every queue straight into its place in one buffer laid out as the encoded stream."""
     header_size = wire.HEADER_SIZE
     heads = [wire.head_size(p.local[0], p.user.congestion) for _, p in probes]
-    total = header_size + sum(h + p.send_len + p.recv_len for h, (_, p) in zip(heads, probes, strict=True))
+    trailer = wire.TRAILER_SIZE
+    total = header_size + sum(h + p.send_len + p.recv_len + trailer for h, (_, p) in zip(heads, probes, strict=True))
     if buffer is not None and len(buffer) >= total:
         stream = memoryview(buffer)[:total]
     else:
@@ -257,13 +258,14 @@ def _read_into_stream(
             # Checked here, where it fails alone: on the target, decode would refuse the whole stream.
             check_new(state)
             stream[offset:start] = wire.record_head(state, len(states))
+            wire.seal(stream, offset, end)
         except (DumpError, RecordError) as e:
             result.failures.append(Failure(index, _describe(found.view), str(e)))
             whole = False
         else:
             states.append(state)
             indices.append(index)
-        offset = end
+        offset = end + trailer
     if whole:
         stream[:header_size] = wire.header(len(states))
         result.data = stream.toreadonly()

@@ -86,6 +86,7 @@ class Defaults:
                 rcvbuf=None,
                 tos=max(tos, 0),
                 mark=get(socket.SOL_SOCKET, k.SO_MARK) & 0xFFFFFFFF,
+                notsent_lowat=get(k.SOL_TCP, k.TCP_NOTSENT_LOWAT) & 0xFFFFFFFF,
             )
 
 
@@ -184,6 +185,8 @@ def _set_options(sock: socket.socket, state: ConnectionState, defaults: Defaults
             calls.append(("IP_TOS", socket.IPPROTO_IP, k.IP_TOS, o.tos))
     if o.mark != d.mark:
         calls.append(("SO_MARK", socket.SOL_SOCKET, k.SO_MARK, _U32.pack(o.mark)))
+    if o.notsent_lowat != d.notsent_lowat:
+        calls.append(("TCP_NOTSENT_LOWAT", k.SOL_TCP, k.TCP_NOTSENT_LOWAT, _U32.pack(o.notsent_lowat)))
     if o.sndbuf is not None or o.rcvbuf is not None or grown:
         calls += _buffer_calls(o)
     for name, level, option, value in calls:
