@@ -1,6 +1,6 @@
 """Make a new socket that continues a connection, from its state record.
 
-The steps (SPEC §6); repair mode is switched by the caller between them:
+The steps (docs/migration.md); repair mode is switched by the caller between them:
 
   1. socket(), SO_REUSEADDR.                                   `create`
      -- the caller switches repair mode on --
