@@ -4,7 +4,7 @@ On the source:
 
  1. Stop receiving for the service address (remove it, or drop its traffic):
     a socket in repair mode still acknowledges what arrives, and what
-    arrives after the dump would be lost (SPEC §7).
+    arrives after the dump would be lost (docs/migration.md).
  2. `checkpoint(sockets, switcher)`: repair mode on (in batches of 253
     through the helper), then each socket dumped. The sockets stay frozen
     in repair mode; close them once the address is gone (closing a socket
@@ -350,7 +350,7 @@ def restore(states: Sequence[ConnectionState], switcher: Switcher) -> Restored:
     Every state is checked before any socket is made: a broken record
     raises RecordError and nothing is created. The local addresses must
     exist here (connect() in repair mode needs them), and the peers should
-    not reach this host yet (SPEC §7). A connection that fails is closed
+    not reach this host yet (docs/migration.md). A connection that fails is closed
     (in repair mode, silently) and reported; the others go on.
     """
     for index, state in enumerate(states):

@@ -120,8 +120,9 @@ class ConnectionState:
         transmitted. `rcv_seq` is the sequence number of the first byte of
         `received` (the oldest unread byte). `mss` is the MSS clamp (the peer's
     announced MSS, or TCP_MAXSEG if set lower). Window scales are 0 when
-    `window_scaling` is off. `timestamp` is the current RFC 7323
-        timestamp value, None when the connection does not use timestamps.
+    `window_scaling` is off. `timestamp` is the RFC 7323 timestamp value
+        to go on from, never below a TSval the peer has seen (the dump adds
+        the pacing lead), None when the connection does not use timestamps.
         The queues are bytes, or read-only views into a decoded stream
     (`decode(data, copy=False)`), which then stays alive with them.
     `rcv_shutdown`: reading has ended (the peer's FIN arrived, or the
