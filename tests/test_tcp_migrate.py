@@ -715,3 +715,22 @@ def test_restore_without_the_local_address_fails_at_bind(switcher: Switcher, pai
     doc = " ".join(MIGRATION_DOC.read_text().split())
     assert "(`bind()` fails with `EADDRNOTAVAIL` otherwise," in doc
     assert "(`ENETUNREACH` otherwise)" not in doc
+
+
+def test_a_full_send_buffer_behind_a_small_window_resumes(switcher: Switcher, pairs: list[Pair], lo: Loopback) -> None:
+    """Megabytes unsent fill the source's whole buffer: the target's segments are the same size, so they fit too.
+
+    Segments of half the peer's small window, 12 bytes shorter on the target (the clamp less the timestamp
+    option), made more buffers of overhead than the source had, and the unsent bytes failed with ENOBUFS.
+    """
+    pair = Pair(peer_rcvbuf=4096)
+    pairs.append(pair)
+    pair.server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    queued = _fill_window(pair.server)
+    segment = pair.server.getsockopt(SOL_TCP, socket.TCP_MAXSEG)
+    restored = move([pair.server], switcher, lo)
+    new = restored.sockets[0]
+    assert new is not None
+    assert new.getsockopt(SOL_TCP, socket.TCP_MAXSEG) == segment, "the segment size the source used"
+    assert recv_exactly(pair.peer, queued) == bytes(queued)
+    new.close()

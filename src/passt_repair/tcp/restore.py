@@ -53,6 +53,7 @@ _OPTION = struct.Struct("II")
 _TCP_MIN_MSS = 88
 _TCP_MSS_DEFAULT = 536
 _MAX_USER_MSS = 32767  # MAX_TCP_WINDOW: TCP_MAXSEG refuses more
+_TCPOLEN_TSTAMP_ALIGNED = 12
 
 
 class RestoreError(Exception):
@@ -219,7 +220,9 @@ def _segment_size(state: ConnectionState) -> int:
     max_window = state.window.max_window
     cutoff = max_window >> 1 if max_window > _TCP_MSS_DEFAULT else max_window
     if cutoff:
-        size = min(size, cutoff)
+        # The kernel takes the options off the clamp but bounds the result to half the window: a clamp
+        # of `cutoff` alone would make segments 12 bytes short, and more of them than fit the source's buffer.
+        size = min(size, cutoff + (_TCPOLEN_TSTAMP_ALIGNED if state.timestamp is not None else 0))
     return size if size >= _TCP_MIN_MSS else 0
 
 
