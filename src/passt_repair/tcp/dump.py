@@ -300,9 +300,9 @@ def pacing_lead(pacing_rate: int) -> int:
     reads the clock itself, so the last TSval the peer saw can be above it
     by up to one segment's worth of pacing time. A segment is at most 64 KiB
     (GSO_LEGACY_MAX_SIZE); twice that at the current rate covers a rate that
-    has risen since, and 1 ms covers the rounding to milliseconds. An
-    unpaced socket (rate 0 or unlimited) stamps the clock itself: no lead.
-    The lead is even: since Linux 6.7 the lowest bit of TCP_TIMESTAMP says
+    has risen since, and 1 to 2 ms more the rounding to milliseconds and to
+    an even value. An unpaced socket (rate 0 or unlimited) stamps the clock
+    itself: no lead. The lead is even: since Linux 6.7 the lowest bit of TCP_TIMESTAMP says
     whether the socket counts in microseconds, and setting the value with
     that bit flipped would switch the target's clock to the other unit.
     """

@@ -351,7 +351,9 @@ def restore(states: Sequence[ConnectionState], switcher: Switcher) -> Restored:
     raises RecordError and nothing is created. The local addresses must
     exist here (connect() in repair mode needs them), and the peers should
     not reach this host yet (docs/migration.md). A connection that fails is closed
-    (in repair mode, silently) and reported; the others go on.
+    (in repair mode, silently) and reported; the others go on. A state whose
+    socket from an earlier restore is still open raises StepError, before
+    any socket is made.
     """
     for index, state in enumerate(states):
         try:
