@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import helper_profile, rtt, selfcheck, startup
+from bench import fronts, helper_profile, rtt, selfcheck, startup
 from bench.common import (
     BENCH,
     BUILD,
@@ -43,7 +43,7 @@ from bench.common import (
 )
 
 COMMANDS = ("on", "off")
-SECTIONS = ("rtt", "throughput", "startup", "directory", "memory", "migration", "profile")
+SECTIONS = ("rtt", "throughput", "startup", "directory", "memory", "server", "migration", "profile")
 COUNTS = (1, 8, 64, 253)
 MIB = 1024 * 1024
 
@@ -226,6 +226,11 @@ def run(sections: Sequence[str], quick: bool, experiments: bool, counts: Sequenc
             results["helpers"].update({k.key: _describe(k) for k in dkinds[-1:]})
         dkinds = usable(dkinds, startup.try_directory, "directory mode")
         results["directory"] = startup.measure_directory(dkinds, 10 if quick else 60)
+    if "server" in sections:
+        server_rounds = {1: 4000, 253: 1000}
+        results["server"] = fronts.measure(
+            ref, list(server_rounds), {n: r // 8 if quick else r for n, r in server_rounds.items()}
+        )
     if "migration" in sections:
         log("migration benchmark (bench/bench_migration.py)")
         results["migration"] = run_migration([100, 1000] if quick else [100, 1000, 10_000])
@@ -402,6 +407,8 @@ def table(results: dict[str, Any]) -> str:
                 else f"| {_label(helpers, key)} | {e['median']:.0f} ({e['p25']:.0f}-{e['p75']:.0f}) | "
                 f"{b['median']:.0f} | 1 | |"
             )
+    if "server" in results:
+        lines += ["", *fronts.table(results["server"])]
     if "migration" in results:
         lines += ["", "Migration (bench/bench_migration.py):", ""]
         m = results["migration"]
