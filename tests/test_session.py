@@ -284,4 +284,4 @@ def test_the_core_does_no_io_and_reads_no_clock() -> None:
     tree = ast.parse(Path(session_module.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported == {"__future__", "enum", "logging", "os", "collections.abc", "typing", "protocol"}
+    assert imported == {"__future__", "logging", "os", "collections.abc", "typing", "protocol"}

@@ -17,7 +17,7 @@ import socket
 import stat
 import struct
 
-from ._session import HelperInfo, NoHelperError, Outcome, Session, Step
+from ._session import DETACH, HelperInfo, NoHelperError, Outcome, Session, Step
 from .protocol import Batch
 
 
@@ -203,12 +203,12 @@ class Front:
     # -- the steps that do not wait --------------------------------------------------
 
     def _connection(self) -> socket.socket:
-        assert self._conn is not None, "a plan sends and receives only after Step.ATTACH"
+        assert self._conn is not None, "a plan sends and receives only after ATTACH"
         return self._conn
 
     def _now(self, step: Step) -> Outcome:
-        """Carry out Step.IDLE or Step.DETACH."""
-        if step is Step.DETACH:
+        """Carry out IDLE or DETACH."""
+        if step is DETACH:
             self.detach()
             return None
         if self._conn is None:

@@ -6,23 +6,23 @@ queue or a flush is a *plan*: a generator that yields the steps the front is
 to carry out, is sent each step's outcome back, and ends by returning (every
 batch confirmed) or by raising a RepairError. For each batch, in this order:
 
-1. `Step.IDLE`: outcome None if no helper is attached or it sent nothing
+1. `IDLE`: outcome None if no helper is attached or it sent nothing
    since its last reply, else what it sent (b"" for end of file or a reset).
    End of file: the helper left while idle and lost nothing; it is detached
    (step 5) and another attached. Any byte: it would pass for the next reply,
    so the connection is closed and WrongReplyError raised, nothing sent.
-2. `Step.ATTACH`: accept a helper within attach_timeout if none is attached,
+2. `ATTACH`: accept a helper within attach_timeout if none is attached,
    and close any other that waits. Outcome None, or the NoHelperError of the
    accept, which is raised.
 3. `Send(batch)`: sendmsg() of the command byte with the batch's descriptors.
    Outcome the number of bytes sent, or the OSError: the kernel queues a
    message whole or not at all, so a failed send reached no helper and
    changed nothing (HelperGoneError with nothing `uncertain`).
-4. `Step.RECEIVE`: the echo. Outcome the bytes read or the OSError. The
+4. `RECEIVE`: the echo. Outcome the bytes read or the OSError. The
    command's own byte confirms the batch; anything else fails with the batch
    `uncertain`: a TimeoutError after reply_timeout is RepairTimeoutError, end
    of file or another error HelperGoneError, another byte WrongReplyError.
-5. `Step.DETACH`: close the connection. Asked before every failure (a
+5. `DETACH`: close the connection. Asked before every failure (a
    connection in doubt is never reused) and after an end of file in step 1.
 
 Either wait (3, 4) may also end in `ClosedHere`: the front closed the
@@ -32,7 +32,6 @@ with HelperGoneError, the batch `uncertain` if it was sent.
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 from collections.abc import Generator, Iterable, Sequence
@@ -94,13 +93,20 @@ class ClosedHere(Exception):
     """The outcome of a wait that this server ended by closing the socket (detach, close, listen)."""
 
 
-class Step(enum.Enum):
-    """What a plan asks of its front (see the module's docstring for the outcome of each)."""
+class Step:
+    """What a plan asks of its front: IDLE, ATTACH, RECEIVE or DETACH (the module's docstring has each outcome)."""
 
-    IDLE = "what the attached helper sent unasked"
-    ATTACH = "a helper attached"
-    RECEIVE = "the reply"
-    DETACH = "the connection closed"
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+# Plain module constants, not an Enum: a plan asks for several per message, and these are read fastest.
+IDLE, ATTACH, RECEIVE, DETACH = Step("IDLE"), Step("ATTACH"), Step("RECEIVE"), Step("DETACH")
 
 
 class Send:
@@ -193,7 +199,8 @@ class Session:
 
     def switch(self, fds: Iterable[int], command: Command) -> Plan:
         """Anything queued first, then `fds` in batches of at most 253, each confirmed before the next."""
-        yield from self.flush()
+        if self._queue:
+            yield from self.flush()
         confirmed = 0
         for batch in batches(command, fds):
             yield from self._exchange(batch, confirmed)
@@ -225,47 +232,48 @@ class Session:
 
     def _exchange(self, batch: Batch, confirmed: int) -> Plan:
         """Steps 1 to 5 for one batch; `confirmed` counts the sockets of the switch confirmed before it."""
-        stray = yield Step.IDLE
-        if isinstance(stray, bytes):
+        # Each outcome is compared with the expected one first: a message that goes well costs no more.
+        stray = yield IDLE
+        if stray is not None:
             if stray:
                 reason = f"the helper sent {stray!r} without a request"
                 yield from self._fail(WrongReplyError, reason, None, confirmed, self.helper)
             pid = self.helper.pid if self.helper is not None else "?"
             self._log.warning("helper pid %s closed the connection while idle; attaching a new one", pid)
-            yield Step.DETACH
-        attached = yield Step.ATTACH
+            yield DETACH
+        attached = yield ATTACH
         if isinstance(attached, Exception):
-            raise attached
+            raise attached  # the NoHelperError of the accept, or what else it raised
         helper = self.helper  # a detach() while a wait goes on forgets it
         sent = yield Send(batch)
-        if isinstance(sent, ClosedHere):
-            yield from self._fail(HelperGoneError, CLOSED_WHILE_WAITING, None, confirmed, helper)
-        if isinstance(sent, OSError):
-            why = f"sending to the helper failed: {_reason(sent)}"
-            yield from self._fail(HelperGoneError, why, None, confirmed, helper)
         if sent != 1:
+            if isinstance(sent, ClosedHere):
+                yield from self._fail(HelperGoneError, CLOSED_WHILE_WAITING, None, confirmed, helper)
+            if isinstance(sent, OSError):
+                why = f"sending to the helper failed: {_reason(sent)}"
+                yield from self._fail(HelperGoneError, why, None, confirmed, helper)
             why = f"sending to the helper failed: {sent!r} bytes sent"
             yield from self._fail(HelperGoneError, why, batch, confirmed, helper)
-        reply = yield Step.RECEIVE
-        if isinstance(reply, ClosedHere):
-            yield from self._fail(HelperGoneError, CLOSED_WHILE_WAITING, batch, confirmed, helper)
-        if isinstance(reply, TimeoutError):
-            why = f"no reply from the helper within {self.reply_timeout:g} s"
-            yield from self._fail(RepairTimeoutError, why, batch, confirmed, helper)
-        if isinstance(reply, OSError):
-            why = f"connection to the helper failed: {_reason(reply)}"
-            yield from self._fail(HelperGoneError, why, batch, confirmed, helper)
-        if not reply:
-            why = "the helper closed the connection: it refused the request (see its log) or died"
-            yield from self._fail(HelperGoneError, why, batch, confirmed, helper)
+        reply = yield RECEIVE
         if reply != batch.command.byte:
-            why = f"helper replied {reply!r} to command {batch.command.name} ({batch.command.byte!r})"
-            yield from self._fail(WrongReplyError, why, batch, confirmed, helper)
+            yield from self._fail(*self._reply_fault(reply, batch.command), batch, confirmed, helper)
+
+    def _reply_fault(self, reply: Outcome, command: Command) -> tuple[type[RepairError], str]:
+        """What the outcome of RECEIVE means when it is not the command's byte: the error and why."""
+        if isinstance(reply, ClosedHere):
+            return HelperGoneError, CLOSED_WHILE_WAITING
+        if isinstance(reply, TimeoutError):
+            return RepairTimeoutError, f"no reply from the helper within {self.reply_timeout:g} s"
+        if isinstance(reply, OSError):
+            return HelperGoneError, f"connection to the helper failed: {_reason(reply)}"
+        if not reply:
+            return HelperGoneError, "the helper closed the connection: it refused the request (see its log) or died"
+        return WrongReplyError, f"helper replied {reply!r} to command {command.name} ({command.byte!r})"
 
     @staticmethod
     def _fail(
         kind: type[RepairError], message: str, batch: Batch | None, confirmed: int, helper: HelperInfo | None
     ) -> Generator[Action, Outcome, NoReturn]:
         """Close the connection (it is in doubt: never reuse it), then raise `kind` (see `_failure`)."""
-        yield Step.DETACH
+        yield DETACH
         raise _failure(kind, message, batch, confirmed, helper)

@@ -33,7 +33,8 @@ from typing import TypeVar
 
 from ._front import Front, request
 from ._session import (
-    Action,
+    ATTACH,
+    RECEIVE,
     ClosedHere,
     Deadline,
     HelperInfo,
@@ -41,7 +42,6 @@ from ._session import (
     Outcome,
     Plan,
     Send,
-    Step,
     advance,
     none_in_time,
 )
@@ -107,7 +107,7 @@ class AsyncRepairServer(Front):
         or if the server is closed while waiting.
         """
         async with self._lock:
-            return await self._accept(timeout)
+            return self._attached_already() or await self._accept(timeout)
 
     async def switch(self, sockets: Iterable[SocketLike], command: Command) -> None:
         """Set repair mode `command` on all `sockets`, in batches of at most 253, each confirmed.
@@ -146,9 +146,6 @@ class AsyncRepairServer(Front):
             await self.switch(items, off)
 
     async def _accept(self, timeout: float | None) -> HelperInfo:
-        attached = self._attached_already()
-        if attached is not None:
-            return attached
         listener = self._listening()
         try:
             conn, _ = await self._when_ready(listener, listener.accept, write=False, timeout=timeout)
@@ -160,31 +157,32 @@ class AsyncRepairServer(Front):
         return self._take(conn)
 
     async def _run(self, plan: Plan) -> None:
-        """Carry out the steps of `plan` until it is done (or raises)."""
+        """Carry out the steps of `plan` until it is done (or raises); only the waits are awaited."""
+        outcome: Outcome
         action = advance(plan, None)
         while action is not None:
-            action = advance(plan, await self._do(action))
-
-    async def _do(self, action: Action) -> Outcome:
-        try:
-            if isinstance(action, Send):
-                conn = self._connection()
-                send = functools.partial(conn.sendmsg, *request(action.batch))
-                return await self._when_ready(conn, send, write=True, timeout=self.reply_timeout)
-            if action is Step.RECEIVE:
-                conn = self._connection()
-                receive = functools.partial(conn.recv, 2)
-                try:
-                    return await self._when_ready(conn, receive, write=False, timeout=self.reply_timeout)
-                except asyncio.CancelledError:
-                    self.detach()  # the reply may still come: this connection can never be trusted again
-                    raise
-            if action is Step.ATTACH:
-                await self._accept(self.attach_timeout)  # rejects any other helper waiting
-                return None
-            return self._now(action)
-        except (OSError, ClosedHere, NoHelperError) as e:
-            return e
+            try:
+                if isinstance(action, Send):
+                    conn = self._connection()
+                    send = functools.partial(conn.sendmsg, *request(action.batch))
+                    outcome = await self._when_ready(conn, send, write=True, timeout=self.reply_timeout)
+                elif action is RECEIVE:
+                    conn = self._connection()
+                    receive = functools.partial(conn.recv, 2)
+                    try:
+                        outcome = await self._when_ready(conn, receive, write=False, timeout=self.reply_timeout)
+                    except asyncio.CancelledError:
+                        self.detach()  # the reply may still come: this connection can never be trusted again
+                        raise
+                elif action is ATTACH:
+                    if self._attached_already() is None:  # else it rejected any other helper waiting
+                        await self._accept(self.attach_timeout)
+                    outcome = None
+                else:
+                    outcome = self._now(action)
+            except (OSError, ClosedHere, NoHelperError) as e:
+                outcome = e
+            action = advance(plan, outcome)
 
     # -- waiting -----------------------------------------------------------
 
@@ -194,7 +192,7 @@ class AsyncRepairServer(Front):
         Raises TimeoutError as a blocking socket would, ClosedHere if `sock`
         was closed here meanwhile, and whatever else `call` raises.
         """
-        deadline = Deadline(time.monotonic(), timeout)
+        deadline = None  # set at the first wait: most calls need none
         while True:
             if sock is not self._conn and sock is not self._listener:
                 raise ClosedHere
@@ -202,7 +200,10 @@ class AsyncRepairServer(Front):
                 return call()
             except BlockingIOError:
                 pass
-            left = deadline.left(time.monotonic())
+            now = time.monotonic()
+            if deadline is None:
+                deadline = Deadline(now, timeout)
+            left = deadline.left(now)
             if left == 0:
                 raise TimeoutError("timed out")
             await self._ready(sock, write=write, timeout=left)

@@ -30,6 +30,8 @@ from typing import Protocol
 
 from ._front import Front, request
 from ._session import (
+    ATTACH,
+    RECEIVE,
     Action,
     Deadline,
     HelperGoneError,
@@ -40,7 +42,6 @@ from ._session import (
     RepairError,
     RepairTimeoutError,
     Send,
-    Step,
     WrongReplyError,
     advance,
     none_in_time,
@@ -155,9 +156,9 @@ class RepairServer(Front):
         try:
             if isinstance(action, Send):
                 return self._connection().sendmsg(*request(action.batch))
-            if action is Step.RECEIVE:
+            if action is RECEIVE:
                 return self._connection().recv(2)
-            if action is Step.ATTACH:
+            if action is ATTACH:
                 self.accept(self.attach_timeout)  # rejects any other helper waiting
                 return None
             return self._now(action)
