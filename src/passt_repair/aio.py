@@ -59,12 +59,12 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 
 
 class _Wait:
-    """The one pending wait for readiness of a descriptor (the lock allows no more)."""
+    """A wait for readiness of a descriptor; `closed` once this server closed it (see `_Waits.end`)."""
 
-    __slots__ = ("fd", "future", "loop", "write")
+    __slots__ = ("closed", "fd", "future", "loop", "write")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
-        self.loop, self.fd, self.write = loop, fd, write
+        self.loop, self.fd, self.write, self.closed = loop, fd, write, False
         self.future: asyncio.Future[None] = loop.create_future()
         if write:
             loop.add_writer(fd, _wake, self.future)
@@ -78,6 +78,54 @@ class _Wait:
         else:
             self.loop.remove_reader(self.fd)
         _wake(self.future)
+
+
+class _Waits:
+    """A server's waits on its sockets: one at a time (its lock allows no more), ended by closing the socket."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending: _Wait | None = None
+
+    async def call(self, sock: socket.socket, call: Callable[[], T], *, write: bool, timeout: float | None) -> T:
+        """`call()` on the non-blocking `sock` once it is ready, waiting up to `timeout` seconds (None: forever).
+
+        Raises TimeoutError as a blocking socket would, ClosedHere if `sock`
+        was closed here meanwhile (`end`), and whatever else `call` raises.
+        """
+        deadline = None  # set at the first wait: most calls need none
+        while True:
+            try:
+                return call()
+            except BlockingIOError:
+                pass
+            now = time.monotonic()
+            if deadline is None:
+                deadline = Deadline(now, timeout)
+            left = deadline.left(now)
+            if left == 0:
+                raise TimeoutError("timed out")
+            wait = self.pending = _Wait(asyncio.get_running_loop(), sock.fileno(), write)
+            try:
+                # The future only signals readiness: cancelling it loses nothing, the I/O happens after.
+                await asyncio.wait_for(wait.future, left)
+            except asyncio.TimeoutError:
+                pass  # one more try, then give up
+            finally:
+                if self.pending is wait:
+                    self.pending = None
+                    wait.end()
+            if wait.closed:
+                raise ClosedHere
+
+    def end(self, sock: socket.socket) -> None:
+        """`sock` is about to be closed here: the wait on it, if any, ends in ClosedHere."""
+        wait = self.pending
+        if wait is not None and wait.fd == sock.fileno():
+            self.pending = None
+            wait.closed = True
+            wait.end()
 
 
 class AsyncRepairServer(Front):
@@ -94,11 +142,13 @@ class AsyncRepairServer(Front):
 
     _log = logging.getLogger("passt_repair.aio")
 
-    _wait: _Wait | None = None  # the pending wait, if any
-
     @functools.cached_property
     def _lock(self) -> asyncio.Lock:
         return asyncio.Lock()
+
+    @functools.cached_property
+    def _waits(self) -> _Waits:
+        return _Waits()
 
     async def accept(self, timeout: float | None = None) -> HelperInfo:
         """Wait up to `timeout` seconds (None: forever) for a helper to connect; return who it is.
@@ -148,7 +198,7 @@ class AsyncRepairServer(Front):
     async def _accept(self, timeout: float | None) -> HelperInfo:
         listener = self._listening()
         try:
-            conn, _ = await self._when_ready(listener, listener.accept, write=False, timeout=timeout)
+            conn, _ = await self._waits.call(listener, listener.accept, write=False, timeout=timeout)
         except TimeoutError:
             raise none_in_time(self.path, timeout) from None
         except ClosedHere:
@@ -165,12 +215,12 @@ class AsyncRepairServer(Front):
                 if isinstance(action, Send):
                     conn = self._connection()
                     send = functools.partial(conn.sendmsg, *request(action.batch))
-                    outcome = await self._when_ready(conn, send, write=True, timeout=self.reply_timeout)
+                    outcome = await self._waits.call(conn, send, write=True, timeout=self.reply_timeout)
                 elif action is RECEIVE:
                     conn = self._connection()
                     receive = functools.partial(conn.recv, 2)
                     try:
-                        outcome = await self._when_ready(conn, receive, write=False, timeout=self.reply_timeout)
+                        outcome = await self._waits.call(conn, receive, write=False, timeout=self.reply_timeout)
                     except asyncio.CancelledError:
                         self.detach()  # the reply may still come: this connection can never be trusted again
                         raise
@@ -184,49 +234,8 @@ class AsyncRepairServer(Front):
                 outcome = e
             action = advance(plan, outcome)
 
-    # -- waiting -----------------------------------------------------------
-
-    async def _when_ready(self, sock: socket.socket, call: Callable[[], T], *, write: bool, timeout: float | None) -> T:
-        """`call()` on the non-blocking `sock` once it is ready, waiting up to `timeout` seconds (None: forever).
-
-        Raises TimeoutError as a blocking socket would, ClosedHere if `sock`
-        was closed here meanwhile, and whatever else `call` raises.
-        """
-        deadline = None  # set at the first wait: most calls need none
-        while True:
-            if sock is not self._conn and sock is not self._listener:
-                raise ClosedHere
-            try:
-                return call()
-            except BlockingIOError:
-                pass
-            now = time.monotonic()
-            if deadline is None:
-                deadline = Deadline(now, timeout)
-            left = deadline.left(now)
-            if left == 0:
-                raise TimeoutError("timed out")
-            await self._ready(sock, write=write, timeout=left)
-
-    async def _ready(self, sock: socket.socket, *, write: bool, timeout: float | None) -> None:
-        """Wait until `sock` is readable (or writable), it is closed here, or `timeout` seconds have passed."""
-        wait = _Wait(asyncio.get_running_loop(), sock.fileno(), write)
-        self._wait = wait
-        try:
-            # The future only signals readiness: cancelling it loses nothing, the I/O happens after.
-            await asyncio.wait_for(wait.future, timeout)
-        except asyncio.TimeoutError:
-            pass  # the caller tries once more, then gives up
-        finally:
-            if self._wait is wait:
-                self._wait = None
-                wait.end()
-
     def _forget(self, sock: socket.socket) -> None:
-        wait = self._wait
-        if wait is not None and wait.fd == sock.fileno():
-            self._wait = None
-            wait.end()
+        self._waits.end(sock)
 
     async def __aenter__(self) -> AsyncRepairServer:
         return self
