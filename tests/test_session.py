@@ -211,6 +211,15 @@ def test_no_helper_is_raised_as_the_front_found_it() -> None:
     assert front.steps == ["idle", "attach"]
 
 
+def test_an_error_from_looking_at_the_idle_connection_is_raised_as_it_is() -> None:
+    broken = OSError(errno.EBADF, os.strerror(errno.EBADF))
+    front = Front(broken)
+    with pytest.raises(OSError, match="Bad file descriptor") as raised:
+        front.run(session().switch([3], ON))
+    assert raised.value is broken
+    assert front.steps == ["idle"]
+
+
 def test_the_helper_is_named_as_it_was_when_the_batch_left() -> None:
     """A detach() during the wait (another task) forgets the helper; the error still names it."""
     s = session()

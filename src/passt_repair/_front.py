@@ -120,7 +120,7 @@ class Front:
         try:
             listener.bind(self.path)
             os.chmod(self.path, self.mode)
-            listener.listen(0)  # as passt: one helper, no queue of others
+            listener.listen(0)  # backlog 0, as passt
         except BaseException:
             listener.close()
             raise

@@ -12,8 +12,8 @@ batch confirmed) or by raising a RepairError. For each batch, in this order:
    (step 5) and another attached. Any byte: it would pass for the next reply,
    so the connection is closed and WrongReplyError raised, nothing sent.
 2. `ATTACH`: accept a helper within attach_timeout if none is attached,
-   and close any other that waits. Outcome None, or the NoHelperError of the
-   accept, which is raised.
+   and close any other that waits. Outcome None, or what the accept raised
+   (NoHelperError: none came in time, or the socket file is gone), raised.
 3. `Send(batch)`: sendmsg() of the command byte with the batch's descriptors.
    Outcome the number of bytes sent, or the OSError: the kernel queues a
    message whole or not at all, so a failed send reached no helper and
@@ -235,6 +235,8 @@ class Session:
         # Each outcome is compared with the expected one first: a message that goes well costs no more.
         stray = yield IDLE
         if stray is not None:
+            if isinstance(stray, Exception):
+                raise stray  # the front could not look: nothing is known of the connection
             if stray:
                 reason = f"the helper sent {stray!r} without a request"
                 yield from self._fail(WrongReplyError, reason, None, confirmed, self.helper)
