@@ -16,9 +16,22 @@ import select
 import socket
 import stat
 import struct
+from typing import Protocol
 
 from ._session import DETACH, HelperInfo, NoHelperError, Outcome, Session, Step
 from .protocol import Batch
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+#: A socket object or a bare descriptor (passt_repair.server exports it).
+SocketLike = HasFileno | int
+
+
+def fd_of(sock: SocketLike) -> int:
+    return sock if isinstance(sock, int) else sock.fileno()
 
 
 def _identity(path: str) -> tuple[int, int] | None:

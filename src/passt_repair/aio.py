@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TypeVar
 
-from ._front import Front, request
+from ._front import Front, SocketLike, fd_of, request
 from ._session import (
     ATTACH,
     RECEIVE,
@@ -46,7 +46,6 @@ from ._session import (
     none_in_time,
 )
 from .protocol import Command
-from .server import SocketLike, fd_of
 
 __all__ = ["AsyncRepairServer"]
 

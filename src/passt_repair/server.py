@@ -26,9 +26,8 @@ import select
 import socket
 import time
 from collections.abc import Iterable, Iterator
-from typing import Protocol
 
-from ._front import Front, request
+from ._front import Front, SocketLike, fd_of, request
 from ._session import (
     ATTACH,
     RECEIVE,
@@ -59,18 +58,6 @@ __all__ = [
     "WrongReplyError",
     "repair_state",
 ]
-
-
-class HasFileno(Protocol):
-    def fileno(self) -> int: ...
-
-
-#: A socket object or a bare descriptor.
-SocketLike = HasFileno | int
-
-
-def fd_of(sock: SocketLike) -> int:
-    return sock if isinstance(sock, int) else sock.fileno()
 
 
 def repair_state(sock: SocketLike) -> bool:
