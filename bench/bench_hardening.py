@@ -91,11 +91,11 @@ STEPS = r"""
 import json, os, socket, sys, time
 clock = time.perf_counter
 t0 = clock()
-from passt_repair import hardening
+from passt_repair import hardening, helper
 t1 = clock()
 hardening.lock_down()
 t2 = clock()
-hardening.require_net_admin()
+helper.check_start(False)
 t3 = clock()
 seccomp = hardening.seccomp_filter(False)
 t4 = clock()
@@ -121,7 +121,7 @@ hardening.confine(seccomp)
 t7 = clock()
 after = per_call()
 report = {
-    "import hardening (ctypes)": t1 - t0, "lock_down": t2 - t1, "require_net_admin": t3 - t2,
+    "import hardening (ctypes)": t1 - t0, "lock_down": t2 - t1, "check_start (/proc/self/status)": t3 - t2,
     "seccomp_filter (assemble)": t4 - t3, "drop_for_connect": t5 - t4, "confine (capset + install)": t7 - t6,
     "getsockopt before": before[0], "getsockopt after": after[0],
     "setsockopt before": before[1], "setsockopt after": after[1],

@@ -238,15 +238,15 @@ def small_costs(rounds: int) -> dict[str, float]:
 
     def flags() -> None:
         try:
-            stop.waiting = True
+            stop.busy = True
         finally:
-            stop.waiting = False
+            stop.busy = False
 
     def nothing() -> None:
         pass
 
     empty = timed(nothing)
-    out["signal flag: waiting=True/False with try/finally"] = timed(flags) - empty
+    out["signal flag: busy=True/False with try/finally"] = timed(flags) - empty
     return out
 
 

@@ -23,7 +23,7 @@ MAN = ROOT / "docs" / "passt-repair.1"
 GUIDE = ROOT / "docs" / "guide.md"
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 #: A --debug line, as the helper prints it and as the man page shows it.
-DEBUG_LINE = re.compile(r"passt-repair: (ON \(1\)|OFF \(0\)|OFF_NO_WP \(-1\)) on (\d+) sockets in \d+ us")
+DEBUG_LINE = re.compile(r"passt-repair: (ON \(1\)|OFF \(0\)|OFF_NO_WP \(-1\)) on (\d+) sockets? in \d+ us")
 #: Options the man page documents ahead of the hardening work that adds them to the helper.
 HARDENING_OPTIONS = {"--peer-uid", "--allow-unconfined"}
 

@@ -171,7 +171,7 @@ def test_bad_descriptor_changes_nothing(
         helper, socks, before = _run_rejected(tmp_path, pairs, command.byte, [fd], position)
     assert states(socks) == before
     _assert_refused(helper, fragment)
-    assert f"descriptor {position + 1}:" in helper.stderr
+    assert f"descriptor {position + 1} of 253:" in helper.stderr
 
 
 class _OddDescriptor:
