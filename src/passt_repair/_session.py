@@ -165,7 +165,8 @@ def _failure(
     if batch is None:
         return kind(f"{message}; nothing was sent, no socket changed", (), confirmed, helper=helper)
     n = len(batch.fds)
-    doubt = f"{n} socket{'s' if n != 1 else ''} of command {batch.command.name} may or may not be switched (see repair_state)"
+    sockets = f"{n} socket{'s' if n != 1 else ''}"
+    doubt = f"{sockets} of command {batch.command.name} may or may not be switched (see repair_state)"
     if kind is RepairTimeoutError and helper is not None:
         doubt += f" (helper pid {helper.pid} may still be switching them until it exits)"
     return kind(f"{message}; {doubt}", batch.fds, confirmed, helper=helper)
@@ -186,7 +187,8 @@ def _counted(e: Exception, confirmed: int) -> Exception:
 def _left_on(e: RepairError) -> RepairError:
     """`e`, for a switch on whose confirmed batches could not be switched off again."""
     n = e.confirmed
-    still = f"; {n} socket{'s' if n != 1 else ''} switched on before it {'are' if n != 1 else 'is'} still in repair mode (no helper left)"
+    sockets, are = (f"{n} sockets", "are") if n != 1 else ("1 socket", "is")
+    still = f"; {sockets} switched on before it {are} still in repair mode (no helper left)"
     return type(e)(f"{e}{still}", e.uncertain, e.confirmed, helper=e.helper)
 
 
