@@ -362,6 +362,23 @@ def test_every_module_imports_on_each_classified_python(version: str) -> None:
     assert (r.returncode, r.stderr) == (0, "")
 
 
+# -- the fast subset, and the suite as a user other than root --------------------------------
+
+
+def test_fast_subset_leaves_out_only_the_slow_tests() -> None:
+    """README: `pytest -m "not slow"` is the fast subset; the hostile-server run is the slow one."""
+    argv = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    every = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    fast = subprocess.run([*argv, "-m", "not slow"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert every.returncode == fast.returncode == 0, every.stdout + fast.stdout
+    ids = {line for line in every.stdout.splitlines() if "::" in line}
+    fast_ids = {line for line in fast.stdout.splitlines() if "::" in line}
+    left_out = ids - fast_ids
+    assert "tests/test_hostile.py::test_hostile_server" in left_out
+    assert fast_ids < ids
+    assert len(left_out) < len(ids) / 10  # a subset that still runs nearly everything
+
+
 # -- the suite as a user other than root --------------------------------------------------
 
 
