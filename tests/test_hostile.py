@@ -728,6 +728,7 @@ class Rig:
         self.outcomes[expected.outcome] += 1
 
 
+@pytest.mark.slow
 def test_hostile_server(tmp_path: Path) -> None:
     pool = Pool(tmp_path)
     rig = Rig(tmp_path, pool)
