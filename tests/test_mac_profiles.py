@@ -34,7 +34,7 @@ APPARMOR_VARS_EXAMPLE = ROOT / "contrib" / "apparmor" / "local" / "passt-repair-
 SELINUX = ROOT / "contrib" / "selinux"
 SELINUX_MAKEFILE = Path("/usr/share/selinux/devel/Makefile")
 #: The tunable from <tunables/multiarch> that the profile uses.
-TUNABLES = {"multiarch": ["*-linux-gnu*"]}
+TUNABLES = {"multiarch": ["*-linux-gnu*"], "PROC": ["/proc"], "pid": ["[1-9]*"]}
 
 
 def need(tool: str, package: str) -> None:
@@ -158,7 +158,7 @@ def profile_body(text: str) -> str:
 def read_rules(text: str, variables: dict[str, list[str]]) -> list[Rule]:
     rules = []
     for line in profile_body(text).splitlines():
-        m = re.match(r"\s*(deny\s+)?((?:/|@\{)\S*)\s+([rwamlkixupPUC]+)\s*,", line)
+        m = re.match(r"\s*(deny\s+)?(?:owner\s+)?((?:/|@\{)\S*)\s+([rwamlkixupPUC]+)\s*,", line)
         if m:
             for pattern in expand(m[2], variables):
                 rules.append(Rule(pattern, re.compile(glob_to_regex(pattern)), m[3], bool(m[1])))
