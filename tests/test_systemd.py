@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from passt_repair.protocol import Command
-from support import SETPRIV_NET_ADMIN_ONLY, Helper, RawServer, TcpPairs, have, states
+from support import HELPER, SETPRIV_NET_ADMIN_ONLY, Helper, RawServer, TcpPairs, have, states
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "contrib" / "systemd" / "passt-repair@.service"
@@ -54,18 +54,24 @@ def test_unit_parses_and_grants_only_net_admin() -> None:
     assert s["ProtectSystem"] == ["strict"]
     assert s["RestrictAddressFamilies"] == ["AF_UNIX"]
     assert "PrivateUsers" not in s  # the capability must count in the sockets' user namespace
-    assert re.fullmatch(r"/\S+/python3? -I -m passt_repair -- %f", s["ExecStart"][0])
+    assert s["ExecStart"] == ["/usr/bin/passt-repair -- %f"]  # the isolating launcher, as installed
 
 
 @needs_analyze
 @pytest.mark.parametrize("instance", ["", "run-passt-vm1\\x2da.repair", "run-vms-vm1"])
 def test_systemd_analyze_verify(tmp_path: Path, instance: str) -> None:
-    """No complaint at all, the man page of Documentation= included (found where the package installed it)."""
+    """No complaint at all, the man page of Documentation= included (found where the package installed it).
+
+    ExecStart= names /usr/bin/passt-repair, where a distribution installs the launcher; systemd-analyze
+    checks that the program exists, so the copy verified here names the launcher installed for the tests.
+    """
     (tmp_path / "man1").mkdir()
     with importlib.resources.as_file(importlib.resources.files("passt_repair") / "passt-repair.1") as man:
         shutil.copy(man, tmp_path / "man1" / "passt-repair.1")
     unit = tmp_path / f"passt-repair@{instance}.service"
-    shutil.copy(UNIT, tmp_path / "passt-repair@.service")
+    text = UNIT.read_text()
+    assert "ExecStart=/usr/bin/passt-repair " in text
+    (tmp_path / "passt-repair@.service").write_text(text.replace("=/usr/bin/passt-repair ", f"={HELPER} "))
     r = subprocess.run(
         ["systemd-analyze", "verify", str(unit if instance else tmp_path / "passt-repair@.service")],
         capture_output=True,
@@ -157,10 +163,10 @@ def sandboxed(readonly: Path) -> list[str]:
 
 
 class Unit:
-    """The helper as the unit starts it (ExecStart=, with the interpreter running the tests), in the sandbox."""
+    """The helper as the unit starts it (ExecStart=: the launcher beside the tests' interpreter), in the sandbox."""
 
     def __init__(self, sandbox_root: Path, target: Path) -> None:
-        argv = [*sandboxed(sandbox_root), sys.executable, "-I", "-m", "passt_repair", "--", str(target)]
+        argv = [*sandboxed(sandbox_root), str(HELPER), "--", str(target)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.stderr = ""
 
@@ -286,15 +292,13 @@ def test_socket_of_another_user_needs_a_grant(sandbox_ok: None, tmp_path: Path, 
 
 
 def test_isolated_interpreter_ignores_the_environment(tmp_path: Path) -> None:
-    """-I: a PYTHONPATH that shadows passt_repair is not used by the ExecStart= command line."""
+    """A PYTHONPATH that shadows passt_repair is not used by the ExecStart= command (the launcher)."""
     fake = tmp_path / "passt_repair"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise SystemExit('the fake package was imported')\n")
     (fake / "__main__.py").write_text("raise SystemExit('the fake package was imported')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    r = subprocess.run(
-        [sys.executable, "-I", "-m", "passt_repair", "--version"], capture_output=True, text=True, env=env
-    )
+    r = subprocess.run([str(HELPER), "--version"], capture_output=True, text=True, env=env)
     assert (r.returncode, r.stdout.startswith("passt-repair ")) == (0, True), r.stderr
     shadowed = subprocess.run(
         [sys.executable, "-m", "passt_repair", "--version"], capture_output=True, text=True, env=env
