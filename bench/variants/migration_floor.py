@@ -2,7 +2,8 @@
 
 Run as root: `python bench/variants/migration_floor.py [N]` (default 1,000).
 Same setup as bench/bench_migration.py (N connections, 64 KiB unacknowledged
-and 16 KiB unread each, the helper switching repair mode), then, timed, every
+and 16 KiB unread each, repair mode switched in this process as DirectSwitcher
+does), then, timed, every
 system call that checkpoint, the source's close, restore and resume make per
 connection, in the same order, from the least Python that can make them: no
 records, no checks, no stream, no failure handling. What the target needs
@@ -19,26 +20,14 @@ import fcntl
 import gc
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.bench_migration import (
-    RECEIVED,
-    SENT,
-    TimedSwitcher,
-    _connections,
-    _drop,
-    _helper_command,
-    _namespaces,
-)
+from bench.bench_migration import RECEIVED, SENT, _connections, _drop, _namespaces
 
-from passt_repair.protocol import Command
-from passt_repair.server import RepairServer
 from passt_repair.tcp import DirectSwitcher, checkpoint, stream_buffer, thaw
 
 SOL_TCP = 6
@@ -123,59 +112,48 @@ def _fill_calls(made: list[socket.socket], plan: list[Target]) -> None:
         set_(SOL_TCP, 29, window)
 
 
+def _switch(socks: list[socket.socket], value: int) -> None:
+    for s in socks:
+        s.setsockopt(SOL_TCP, 19, value)  # TCP_REPAIR
+
+
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    with _namespaces() as (_, peer_ns), tempfile.TemporaryDirectory() as tmp:
+    with _namespaces() as (_, peer_ns):
         socks, peer = _connections(n, peer_ns)
-        path = Path(tmp) / "floor.repair"
-        helper = None
         made: list[socket.socket] = []
         try:
             plan = _plan(socks)
             stream = memoryview(stream_buffer(n * (SENT + RECEIVED)))
-            with RepairServer(path, reply_timeout=30) as server:
-                helper = subprocess.Popen([*_helper_command(), str(path)], stderr=subprocess.PIPE)
-                server.accept(timeout=20)
-                switcher = TimedSwitcher(server)
-                gc.collect()
-                gc.disable()
-                t0 = time.perf_counter()
-                fds = [s.fileno() for s in socks]
-                for fd in fds:  # what checkpoint reads before the switch: is it movable?
-                    v = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, fd)
-                    v.getsockopt(SOL_TCP, 11, 1)
-                    v.detach()
-                switcher.switch(fds, Command.ON)
-                _dump_calls(fds, stream)
-                t1 = time.perf_counter()
-                dump_trips = switcher.take()
-                for s in socks:
-                    s.close()
-                t2 = time.perf_counter()
-                for _ in plan:
-                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    made.append(s)
-                switcher.switch(made, Command.ON)
-                _fill_calls(made, plan)
-                switcher.switch(made, Command.OFF)
-                t3 = time.perf_counter()
-                restore_trips = switcher.take()
-                gc.enable()
+            gc.collect()
+            gc.disable()
+            t0 = time.perf_counter()
+            fds = [s.fileno() for s in socks]
+            for fd in fds:  # what checkpoint reads before the switch: is it movable?
+                v = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, fd)
+                v.getsockopt(SOL_TCP, 11, 1)
+                v.detach()
+            _switch(socks, 1)
+            _dump_calls(fds, stream)
+            t1 = time.perf_counter()
+            for s in socks:
+                s.close()
+            t2 = time.perf_counter()
+            for _ in plan:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                made.append(s)
+            _switch(made, 1)
+            _fill_calls(made, plan)
+            _switch(made, 0)
+            t3 = time.perf_counter()
+            gc.enable()
         finally:
             for s in socks + made:
                 _drop(s)
-            if helper is not None:
-                helper.kill()
-                helper.communicate()
             peer.kill()
             peer.wait()
-    parts = {
-        "round_trips": dump_trips + restore_trips,
-        "dump": t1 - t0 - dump_trips,
-        "close": t2 - t1,
-        "restore": t3 - t2 - restore_trips,
-    }
+    parts = {"dump": t1 - t0, "close": t2 - t1, "restore": t3 - t2}
     cells = ", ".join(f"{name} {seconds * 1e3:.1f}" for name, seconds in parts.items())
     print(f"{n} connections, the system calls alone: {(t3 - t0) * 1e3:.1f} ms ({cells})")
     return 0
