@@ -43,7 +43,7 @@ TCP memory (net.ipv4.tcp_mem), low: 10,000 connections hold about 1 GB.
 
 Run as root: `python bench/bench_migration.py [--cold] [--baseline REV] [N ...]`;
 `--baseline REV` also times passt_repair.tcp as it was at git revision REV
-(its src/ put in bench/build/), in the same run. `measure(counts)` returns
+(its src/ extracted under /tmp), in the same run. `measure(counts)` returns
 the figures as a dict for bench/run.py.
 """
 
@@ -60,6 +60,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -201,11 +202,14 @@ def build_reference() -> Path:
 
 
 def baseline_source(rev: str) -> Path:
-    """passt_repair's src/ as it was at git revision `rev`, extracted into bench/build/ (PYTHONPATH for it)."""
+    """passt_repair's src/ as it was at git revision `rev`, extracted under /tmp (a PYTHONPATH for it).
+
+    Not under bench/build/: mypy and ruff would check the old copy along with the project.
+    """
     sha = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True, capture_output=True, text=True
     )
-    out = BUILD / f"baseline-{sha.stdout.strip()}"
+    out = Path(tempfile.gettempdir()) / f"passt-repair-baseline-{sha.stdout.strip()}"
     if not (out / "src" / "passt_repair").is_dir():
         out.mkdir(parents=True, exist_ok=True)
         archive = subprocess.run(
