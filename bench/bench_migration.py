@@ -31,17 +31,21 @@ Not timed, on both sides alike:
 - Warming the VM's memory. This VM hands memory the guest frees back to
   the host (virtio-balloon free page reporting), and the first touch of
   such memory costs a fault in the host: the kernel's buffers for the
-  restored queues come from it. Touching 200 KiB per connection once and
-  freeing it just before the mover starts (`--cold` skips this) makes
-  10,000 connections cost what 1,000 do. The kernel still allocates and
-  fills every buffer inside the timing.
+  restored queues come from it. Each mover touches 200 KiB per connection
+  once and frees it, after making its buffer and just before the timed part
+  (`--cold` skips this): 10,000 connections then cost what 1,000 do. The
+  kernel still allocates and fills every buffer inside the timing.
 - Python's cyclic garbage collector is off in the timed part (a program
   moving connections can choose that; the library makes no cycles).
 
 A veth MTU of 64 KiB keeps the kernel's per-segment overhead, and so its
 TCP memory (net.ipv4.tcp_mem), low: 10,000 connections hold about 1 GB.
 
-Run as root: `python bench/bench_migration.py [--cold] [--baseline REV] [N ...]`;
+Each mover moves each N three times (`--repeat`), the movers taking turns
+in an order that rotates; the figures are medians, and the ratios are of
+medians measured in the same run.
+
+Run as root: `python bench/bench_migration.py [--cold] [--repeat K] [--baseline REV] [N ...]`;
 `--baseline REV` also times passt_repair.tcp as it was at git revision REV
 (its src/ extracted under /tmp), in the same run. `measure(counts)` returns
 the figures as a dict for bench/run.py.
@@ -57,6 +61,7 @@ import json
 import mmap
 import os
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -84,6 +89,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 BUILD = BENCH / "build"
 PARTS = ("dump", "close", "restore")
+#: Each mover moves each count this many times, taking turns; the figures are medians.
+REPEAT = 3
 
 PEER = """
 import socket, struct, sys
@@ -223,6 +230,8 @@ def _mover_argv(mover: str, reference: Path) -> tuple[list[str], dict[str, str]]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))  # the library of this checkout, not an install
     if mover == "c":
         return [str(reference), str(ROUND), str(PER_CONNECTION)], env
+    if mover == "floor":
+        return [sys.executable, "-m", "bench.variants.migration_floor"], env
     if mover.startswith("baseline:"):
         env["PYTHONPATH"] = mover.split(":", 1)[1]
     return [sys.executable, "-m", "bench.bench_migration", "--mover"], env
@@ -235,13 +244,13 @@ def measure_one(n: int, mover: str, reference: Path, *, cold: bool = False) -> d
         socks, peer = _connections(n, peer_ns)
         try:
             fds = [s.fileno() for s in socks]
-            warmed = 0.0 if cold else _warm(n * WARM_PER_CONNECTION)
+            warm = 0 if cold else n * WARM_PER_CONNECTION
             child = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=fds, cwd=ROOT, env=env
             )
             for s in socks:  # the mover holds the only descriptors now: its close is the last
                 s.close()
-            out, _ = child.communicate("\n".join(map(str, fds)).encode(), timeout=600)
+            out, _ = child.communicate("\n".join(map(str, [warm, *fds])).encode(), timeout=600)
             if child.returncode != 0:
                 raise RuntimeError(f"mover {mover} failed (exit {child.returncode})")
         finally:
@@ -254,26 +263,45 @@ def measure_one(n: int, mover: str, reference: Path, *, cold: bool = False) -> d
     figures: dict[str, Any] = json.loads(out)
     if figures["checked"] != n:
         raise RuntimeError(f"mover {mover}: {figures['checked']} of {n} connections checked out")
-    figures["memory_warmed_s"] = warmed
     figures["per_connection_us"] = figures["total_s"] / n * 1e6
     return figures
 
 
-def measure(counts: Sequence[int], *, cold: bool = False, baseline: str | None = None) -> dict[str, Any]:
-    """Every mover at every count, taking turns; the ratios to the C reference and the goals."""
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mover's figures over repeats: each part's median, and every repeat's total."""
+    figures = dict(sorted(runs, key=lambda f: f["total_s"])[len(runs) // 2])
+    for key in (*(f"{p}_s" for p in PARTS), "total_s", "per_connection_us"):
+        figures[key] = statistics.median(f[key] for f in runs)
+    figures["maxrss_kib"] = max(f["maxrss_kib"] for f in runs)
+    figures["totals_s"] = [f["total_s"] for f in runs]
+    return figures
+
+
+def measure(
+    counts: Sequence[int], *, cold: bool = False, baseline: str | None = None, repeat: int = REPEAT
+) -> dict[str, Any]:
+    """Every mover at every count, `repeat` times taking turns; medians, the ratios to C, the goals."""
     reference = build_reference()
-    movers = ["c", "python"]
-    labels = {"c": "C reference (libsoccr's calls)", "python": "passt_repair.tcp"}
+    movers = ["c", "python", "floor"]
+    labels = {
+        "c": "C reference (libsoccr's calls)",
+        "python": "passt_repair.tcp",
+        "floor": "Python floor: its calls alone (experiment)",
+    }
     if baseline is not None:
         movers.append(f"baseline:{baseline_source(baseline)}")
         labels[movers[-1]] = f"passt_repair.tcp at {baseline}"
     runs: list[dict[str, Any]] = []
     for n in counts:
-        by_mover = {m: measure_one(n, m, reference, cold=cold) for m in movers}
+        each: dict[str, list[dict[str, Any]]] = {m: [] for m in movers}
+        for turn in range(repeat):
+            for m in movers[turn % len(movers) :] + movers[: turn % len(movers)]:  # who goes first rotates
+                each[m].append(measure_one(n, m, reference, cold=cold))
+        by_mover = {m: _median_run(each[m]) for m in movers}
         c = by_mover["c"]
         ratios = {m: {p: f[f"{p}_s"] / c[f"{p}_s"] for p in (*PARTS, "total")} for m, f in by_mover.items() if m != "c"}
         runs.append({"connections": n, "movers": by_mover, "to_c": ratios})
-    result: dict[str, Any] = {"runs": runs, "cold": cold, "labels": labels, "movers": movers}
+    result: dict[str, Any] = {"runs": runs, "cold": cold, "labels": labels, "movers": movers, "repeat": repeat}
     if len(runs) > 1:
         big, small = runs[-1], runs[0]
         result["ratio_of"] = [big["connections"], small["connections"]]
@@ -291,13 +319,17 @@ def table(result: dict[str, Any]) -> list[str]:
     """The figures as Markdown: each mover's parts (ms) and ratios to C, then memory."""
     labels, movers = result["labels"], result["movers"]
     lines = [
+        f"Median ms of {result['repeat']} runs each, taking turns (end to end: its range); ratios of medians to C:",
+        "",
         "| N | mover | dump | close | restore+resume | end to end | us/conn | / C: dump | restore | end to end |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in result["runs"]:
         for m in movers:
             f = run["movers"][m]
-            cells = " | ".join(f"{f[f'{p}_s'] * 1e3:.1f}" for p in (*PARTS, "total"))
+            cells = " | ".join(f"{f[f'{p}_s'] * 1e3:.1f}" for p in PARTS)
+            low, high = min(f["totals_s"]) * 1e3, max(f["totals_s"]) * 1e3
+            cells += f" | {f['total_s'] * 1e3:.1f} ({low:.1f}-{high:.1f})"
             r = run["to_c"].get(m)
             ratio = (
                 " | ".join(f"**{r[p]:.2f}**" if p == "total" else f"{r[p]:.2f}" for p in ("dump", "restore", "total"))
@@ -342,8 +374,17 @@ def _vm_hwm_kib() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def mover(fds: list[int]) -> dict[str, Any]:
-    """Move the connections on `fds` with passt_repair.tcp in rounds; the seconds of each part."""
+def read_orders() -> tuple[int, list[int]]:
+    """A mover's orders on stdin: how many bytes of memory to warm, then the descriptors to move."""
+    numbers = [int(word) for word in sys.stdin.read().split()]
+    return numbers[0], numbers[1:]
+
+
+def mover(warm: int, fds: list[int]) -> dict[str, Any]:
+    """Move the connections on `fds` with passt_repair.tcp in rounds; the seconds of each part.
+
+    `warm` bytes of memory are faulted in and freed after the buffer is made, just before the timing.
+    """
     from passt_repair.tcp import DirectSwitcher, checkpoint, decode, restore, resume, stream_buffer
 
     socks = [socket.socket(fileno=fd) for fd in fds]
@@ -351,6 +392,7 @@ def mover(fds: list[int]) -> dict[str, Any]:
     parts = dict.fromkeys(PARTS, 0.0)
     new: list[socket.socket] = []
     buffer = stream_buffer(min(len(socks), ROUND) * PER_CONNECTION + 64)
+    warmed = _warm(warm) if warm else 0.0
     size = checked = 0
     gc.collect()
     gc.disable()
@@ -390,21 +432,24 @@ def mover(fds: list[int]) -> dict[str, Any]:
         "bytes": size,
         "buffer_bytes": len(buffer),
         "maxrss_kib": maxrss,
+        "memory_warmed_s": warmed,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == ["--mover"]:
-        print(json.dumps(mover([int(line) for line in sys.stdin.read().split()])))
+        print(json.dumps(mover(*read_orders())))
         return 0
     cold = "--cold" in args
     baseline = args[args.index("--baseline") + 1] if "--baseline" in args else None
-    counts = [int(a) for a in args if a.isdigit() and a != baseline] or [100, 1000, 10000]
+    options = {args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--baseline", "--repeat")}
+    counts = [int(a) for a in args if a.isdigit() and a not in options] or [100, 1000, 10000]
     if os.geteuid() != 0:
         print("bench_migration: needs root (it makes network namespaces)", file=sys.stderr)
         return 1
-    result = measure(counts, cold=cold, baseline=baseline)
+    repeat = int(args[args.index("--repeat") + 1]) if "--repeat" in args else REPEAT
+    result = measure(counts, cold=cold, baseline=baseline, repeat=repeat)
     print("\n".join(table(result)))
     return 0
 
