@@ -45,7 +45,7 @@ Each mover moves each N three times (`--repeat`), the movers taking turns
 in an order that rotates; the figures are medians, and the ratios are of
 medians measured in the same run.
 
-Run as root: `python bench/bench_migration.py [--cold] [--repeat K] [--baseline REV] [N ...]`;
+Run as root: `python bench/bench_migration.py [--cold] [--repeat K] [--baseline REV] [--json PATH] [N ...]`;
 `--baseline REV` also times passt_repair.tcp as it was at git revision REV
 (its src/ extracted under /tmp), in the same run. `measure(counts)` returns
 the figures as a dict for bench/run.py.
@@ -175,9 +175,14 @@ def _drop(s: socket.socket) -> None:
 
 
 def _warm(size: int) -> float:
-    """Fault `size` bytes of fresh memory in and free it again; return the seconds it took."""
+    """Fault `size` bytes of fresh memory in and free it again; return the seconds it took.
+
+    The peak RSS is then reset to the present RSS (clear_refs 5), so that it
+    tells the move's memory, not the warming's.
+    """
     start = time.perf_counter()
     mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE).close()
+    Path("/proc/self/clear_refs").write_text("5")
     return time.perf_counter() - start
 
 
@@ -438,12 +443,13 @@ def mover(warm: int, fds: list[int]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    json_path = args[args.index("--json") + 1] if "--json" in args else None
     if args == ["--mover"]:
         print(json.dumps(mover(*read_orders())))
         return 0
     cold = "--cold" in args
     baseline = args[args.index("--baseline") + 1] if "--baseline" in args else None
-    options = {args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--baseline", "--repeat")}
+    options = {args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--baseline", "--repeat", "--json")}
     counts = [int(a) for a in args if a.isdigit() and a not in options] or [100, 1000, 10000]
     if os.geteuid() != 0:
         print("bench_migration: needs root (it makes network namespaces)", file=sys.stderr)
@@ -451,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     repeat = int(args[args.index("--repeat") + 1]) if "--repeat" in args else REPEAT
     result = measure(counts, cold=cold, baseline=baseline, repeat=repeat)
     print("\n".join(table(result)))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
