@@ -296,7 +296,7 @@ def measure(
     }
     if baseline is not None:
         movers.append(f"baseline:{baseline_source(baseline)}")
-        labels[movers[-1]] = f"passt_repair.tcp at {baseline}"
+        labels[movers[-1]] = f"passt_repair.tcp at {baseline} (experiment)"
     runs: list[dict[str, Any]] = []
     for n in counts:
         each: dict[str, list[dict[str, Any]]] = {m: [] for m in movers}

@@ -129,7 +129,11 @@ def _write_launcher(bin_dir: Path) -> Path:
 # Running
 
 
-def run_migration(counts: Sequence[int]) -> dict[str, Any]:
+#: The library before issue 12's speed work, timed beside the present one as an experiment.
+MIGRATION_BASELINE = "ec64f74"
+
+
+def run_migration(counts: Sequence[int], experiments: bool) -> dict[str, Any]:
     """bench/bench_migration.py's measure(counts), if that module exists yet."""
     try:
         module = importlib.import_module("bench.bench_migration")
@@ -138,7 +142,7 @@ def run_migration(counts: Sequence[int]) -> dict[str, Any]:
             raise
         return {"skipped": "bench/bench_migration.py does not exist (yet)"}
     try:
-        figures: dict[str, Any] = module.measure(list(counts))
+        figures: dict[str, Any] = module.measure(list(counts), baseline=MIGRATION_BASELINE if experiments else None)
     except Exception as e:  # another engineer's benchmark: report its failure, keep the other figures
         log(f"migration benchmark failed: {type(e).__name__}: {e}")
         return {"skipped": f"bench_migration.measure() failed: {type(e).__name__}: {e}"}
@@ -228,7 +232,7 @@ def run(sections: Sequence[str], quick: bool, experiments: bool, counts: Sequenc
         results["directory"] = startup.measure_directory(dkinds, 10 if quick else 60)
     if "migration" in sections:
         log("migration benchmark (bench/bench_migration.py)")
-        results["migration"] = run_migration([100, 1000] if quick else [100, 1000, 10_000])
+        results["migration"] = run_migration([100, 1000] if quick else [100, 1000, 10_000], experiments)
     if "profile" in sections:
         try:
             results["profile"] = helper_profile.measure(bin_dir / "python", bin_dir / "passt-repair", quick)
