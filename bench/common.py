@@ -29,7 +29,6 @@ from typing import IO
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 BUILD = BENCH / "build"
-RESULTS = BENCH / "results"
 
 SERVER_CPU = 0
 #: On a single CPU both run on it; the figures then include the context switch instead of a wake-up.

@@ -6,10 +6,11 @@
     .venv/bin/python -m bench --update-docs   # also rewrite the table in docs/performance.md
 
 Needs root (CAP_NET_ADMIN for the helpers and the in-process reference), a C
-compiler, and two CPUs for meaningful figures. A full run of everything writes
-bench/results/latest.{json,md,png}; --quick and --only runs write
-bench/build/results/{quick,partial}.*. Ratios are of medians measured in the
-same run.
+compiler, and two CPUs for meaningful figures. A run writes
+bench/build/results/{latest,quick,partial}.{json,md,png} (a full run of
+everything is "latest"), which git ignores; --update-docs puts the tables into
+docs/performance.md and the plot beside it. Ratios are of medians measured in
+the same run.
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ import importlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import helper_profile, rtt, selfcheck, startup
+from bench import fronts, rtt, selfcheck, startup
 from bench.common import (
     BENCH,
     BUILD,
     HELPER_CPU,
     REFERENCE,
-    RESULTS,
     ROOT,
     SERVER_CPU,
     HelperKind,
@@ -43,7 +44,7 @@ from bench.common import (
 )
 
 COMMANDS = ("on", "off")
-SECTIONS = ("rtt", "throughput", "startup", "directory", "memory", "migration", "profile")
+SECTIONS = ("rtt", "throughput", "startup", "directory", "memory", "server", "migration")
 COUNTS = (1, 8, 64, 253)
 MIB = 1024 * 1024
 
@@ -57,9 +58,7 @@ GOALS = {
 
 
 def helper_kinds(bin_dir: Path, ref: Path, experiments: bool) -> list[HelperKind]:
-    """The helpers whose requests are timed: shipped Python, C reference, and the experiments."""
-    noprior = str(BENCH / "variants" / "noprior.py")
-    python = str(bin_dir / "python")
+    """The helpers whose requests are timed: shipped Python, C reference, and C with the same guarantee."""
     kinds = [
         HelperKind("python", "Python helper", (str(bin_dir / "passt-repair"),)),
         HelperKind(REFERENCE, "C reference", (str(ref),), exact=False),
@@ -67,13 +66,12 @@ def helper_kinds(bin_dir: Path, ref: Path, experiments: bool) -> list[HelperKind
     if experiments:
         kinds += [
             HelperKind("c_exact", "C, same guarantee", (str(ref), "--exact"), experiment=True),
-            HelperKind("noprior", "Python, no prior read (NOT exact)", (python, noprior), False, True),
         ]
     return kinds
 
 
-def startup_kinds(bin_dir: Path, ref: Path, experiments: bool) -> list[HelperKind]:
-    """Programs whose start-up is timed; the experiments show what a leaner start would buy."""
+def startup_kinds(bin_dir: Path, ref: Path) -> list[HelperKind]:
+    """Programs whose start-up is timed."""
     kinds = [
         HelperKind("python", "Python helper (pip install .)", (str(bin_dir / "passt-repair"),)),
         HelperKind(REFERENCE, "C reference", (str(ref),), exact=False),
@@ -81,48 +79,7 @@ def startup_kinds(bin_dir: Path, ref: Path, experiments: bool) -> list[HelperKin
     editable = ROOT / ".venv" / "bin" / "passt-repair"
     if editable.exists():
         kinds.append(HelperKind("editable", "Python helper (pip install -e .)", (str(editable),)))
-    if experiments:
-        launcher = _write_launcher(bin_dir)
-        kinds += [
-            HelperKind("launcher", "Python, -I -S launcher", (str(launcher),), experiment=True),
-            HelperKind(
-                "floor",
-                "Python floor (connect only)",
-                (str(bin_dir / "python"), "-I", "-S", str(BENCH / "variants" / "connect_only.py")),
-                experiment=True,
-            ),
-            HelperKind(
-                "floor_imports",
-                "floor + helper's imports, no socket/signal/enum",
-                (str(bin_dir / "python"), "-I", "-S", str(BENCH / "variants" / "connect_only.py"), "--imports"),
-                experiment=True,
-            ),
-        ]
     return kinds
-
-
-def _write_launcher(bin_dir: Path) -> Path:
-    """The installed command without pip's wrapper: no site, no `re`, only the helper's own imports."""
-    site = subprocess.run(
-        [
-            str(bin_dir / "python"),
-            "-c",
-            "import passt_repair, os; print(os.path.dirname(os.path.dirname(passt_repair.__file__)))",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    launcher = bin_dir.parent / "passt-repair-launcher"
-    launcher.write_text(
-        f"#!{bin_dir / 'python'} -IS\n"
-        "import sys\n"
-        f"sys.path.append({site!r})\n"
-        "from passt_repair.cli import main\n"
-        "sys.exit(main())\n"
-    )
-    launcher.chmod(0o755)
-    return launcher
 
 
 # ---------------------------------------------------------------------------
@@ -217,7 +174,7 @@ def run(sections: Sequence[str], quick: bool, experiments: bool, counts: Sequenc
     if "throughput" in sections or "memory" in sections:
         results["throughput"] = rtt.measure_throughput(kinds, 100_000, 4 * 253)
     if "startup" in sections:
-        skinds = startup_kinds(bin_dir, ref, experiments)
+        skinds = startup_kinds(bin_dir, ref)
         results["helpers"].update({k.key: _describe(k) for k in skinds if k.key not in results["helpers"]})
         bare = [str(bin_dir / "python"), "-I", "-S", "-c", "pass"]
         skinds = usable(skinds, startup.try_start, "start-up")
@@ -230,16 +187,14 @@ def run(sections: Sequence[str], quick: bool, experiments: bool, counts: Sequenc
             results["helpers"].update({k.key: _describe(k) for k in dkinds[-1:]})
         dkinds = usable(dkinds, startup.try_directory, "directory mode")
         results["directory"] = startup.measure_directory(dkinds, 10 if quick else 60)
+    if "server" in sections:
+        server_rounds = {1: 4000, 253: 1000}
+        results["server"] = fronts.measure(
+            ref, list(server_rounds), {n: r // 8 if quick else r for n, r in server_rounds.items()}
+        )
     if "migration" in sections:
         log("migration benchmark (bench/bench_migration.py)")
         results["migration"] = run_migration([100, 1000] if quick else [100, 1000, 10_000], experiments)
-    if "profile" in sections:
-        try:
-            results["profile"] = helper_profile.measure(bin_dir / "python", bin_dir / "passt-repair", quick)
-        except Exception as e:  # it restates serve()'s steps: a changed helper can outdate it
-            log(f"profile failed (does it need updating for a changed helper.py?): {type(e).__name__}: {e}")
-            skipped["profile"] = f"{type(e).__name__}: {e}"
-        pin_self(SERVER_CPU)
     results["meta"]["load_after"] = os.getloadavg()
     results["goals"] = goals(results)
     return results
@@ -406,6 +361,8 @@ def table(results: dict[str, Any]) -> str:
                 else f"| {_label(helpers, key)} | {e['median']:.0f} ({e['p25']:.0f}-{e['p75']:.0f}) | "
                 f"{b['median']:.0f} | 1 | |"
             )
+    if "server" in results:
+        lines += ["", *fronts.table(results["server"])]
     if "migration" in results:
         lines += ["", "Migration (bench/bench_migration.py):", ""]
         m = results["migration"]
@@ -413,8 +370,6 @@ def table(results: dict[str, Any]) -> str:
             lines.append(f"skipped: {m['skipped']}")
         else:
             lines += migration_table(m)
-    if "profile" in results:
-        lines += ["", *profile_table(results["profile"])]
     if results.get("skipped_experiments"):
         lines += ["", "Left out of this run:", ""]
         lines += [f"- {what}: {why}" for what, why in results["skipped_experiments"].items()]
@@ -426,50 +381,6 @@ def migration_table(m: dict[str, Any]) -> list[str]:
     from bench.bench_migration import table as migration_figures
 
     return migration_figures(m)
-
-
-def profile_table(p: dict[str, Any]) -> list[str]:
-    lines = [
-        "Profile (hot, in-process, helper CPU). Kernel cost per descriptor from C, ns: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in p["syscall_ns"].items()),
-        "",
-        "Per descriptor from Python, ns: " + ", ".join(f"{k} {v:.0f}" for k, v in p["python_call_ns"].items()),
-        "",
-        "| stage of the shipped loop (us per message) | N=1 | N=253 | per descriptor at 253 (ns) |",
-        "|---|---:|---:|---:|",
-    ]
-    one, many, cold = p["stages_us"]["1"], p["stages_us"]["253"], p["stages_cold_us"]["1"]
-    lines[-2:] = [
-        "| stage of the shipped loop (us per message) | N=1 | N=1, cold | N=253 | per descriptor at 253 (ns) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for stage in one:
-        lines.append(
-            f"| {stage} | {one[stage]:.2f} | {cold[stage]:.2f} | {many[stage]:.1f} | {many[stage] / 253 * 1000:.0f} |"
-        )
-    lines.append(
-        f"| total | {sum(one.values()):.2f} | {sum(cold.values()):.2f} | {sum(many.values()):.1f} | "
-        f"{sum(many.values()) / 253 * 1000:.0f} |"
-    )
-    c = p["syscall_ns"]
-    lines.append(
-        f"| C reference's whole step, for comparison | {c['message_hot'] / 1000:.2f} | "
-        f"{c['message_cold'] / 1000:.2f} | | |"
-    )
-    lines += ["", "Whole loop, hot, us per request:", "", "| loop | N=1 | N=253 |", "|---|---:|---:|"]
-    for name in p["whole_loop_us"]["1"]:
-        lines.append(f"| {name} | {p['whole_loop_us']['1'][name]:.2f} | {p['whole_loop_us']['253'][name]:.1f} |")
-    lines += ["", "Bookkeeping per message, ns: " + ", ".join(f"{k} {v:.0f}" for k, v in p["bookkeeping_ns"].items())]
-    lines += ["", "Receiving and parsing, us: " + ", ".join(f"{k} {v:.2f}" for k, v in p["receive_us"].items())]
-    imports = sorted(p["imports_us"].items(), key=lambda kv: -kv[1]["cumulative"])
-    top = [f"{name} {v['cumulative'] / 1000:.1f}" for name, v in imports if v["depth"] <= 1][:12]
-    lines += ["", "Start-up imports, cumulative ms (top level and their direct imports): " + ", ".join(top)]
-    lines += [
-        "",
-        "Modules the helper might come to import at start-up, cost on top of its present imports (ms): "
-        + ", ".join(f"{k} {v / 1000:.1f}" for k, v in p.get("candidate_imports_us", {}).items()),
-    ]
-    return lines
 
 
 def _label(helpers: dict[str, Any], key: str) -> str:
@@ -595,16 +506,17 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 DOC = ROOT / "docs" / "performance.md"
+DOC_PLOT = ROOT / "docs" / "performance.png"
 DOC_START = "<!-- bench:results:start -->"
 DOC_END = "<!-- bench:results:end -->"
 
 
 def update_docs(text: str, image: Path) -> None:
-    """Replace the results block of docs/performance.md with this run's table and plot."""
+    """Replace the results block of docs/performance.md with this run's table, and its plot with this run's."""
     doc = DOC.read_text()
     start, end = doc.index(DOC_START) + len(DOC_START), doc.index(DOC_END)
-    rel = os.path.relpath(image, DOC.parent)
-    DOC.write_text(doc[:start] + f"\n{text}\n\n![benchmark plot]({rel})\n" + doc[end:])
+    shutil.copyfile(image, DOC_PLOT)
+    DOC.write_text(doc[:start] + f"\n{text}\n\n![benchmark plot]({DOC_PLOT.name})\n" + doc[end:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -637,9 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["meta"]["scheduling"] = "SCHED_FIFO 10 (--rt)" if args.rt else "SCHED_OTHER"
     text = table(results)
     print(text)
-    # Only a full run of everything is a result of record (bench/results/, kept in git); others go to build/.
+    # Generated files stay out of git: the record is docs/performance.md, rewritten by --update-docs.
     record = not args.quick and set(sections) == set(SECTIONS)
-    out = RESULTS if record else BUILD / "results"
+    out = BUILD / "results"
     name = "latest" if record else "quick" if args.quick else "partial"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")

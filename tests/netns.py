@@ -179,3 +179,49 @@ def unsolicited_na(mac: bytes, ip6: bytes) -> bytes:
     """An ICMPv6 neighbour advertisement with the override flag and our link-layer address (checksum by the kernel)."""
     override = 0x20000000
     return struct.pack("!BBHI", 136, 0, 0, override) + ip6 + struct.pack("!BB", 2, 1) + mac
+
+
+class Loopback:
+    """A network namespace of its own with only `lo`, entered by this thread, that can be cut off and reattached.
+
+        with Loopback() as lo:      # sockets made in the block live in the namespace
+            lo.cut()                # every packet on lo dropped (addresses and routes stay)
+            lo.attach()
+
+    For moves on one host: between closing a frozen socket and restoring it,
+    a segment from the peer meets no socket and draws a reset, unless the
+    host is cut off meanwhile, as a moving address is.
+    """
+
+    _count = 0
+
+    def __init__(self) -> None:
+        Loopback._count += 1
+        self.ns = f"prm{os.getpid()}-lo{Loopback._count}"
+        self._entered: contextlib.AbstractContextManager[None] | None = None
+
+    def __enter__(self) -> Loopback:
+        run("ip", "netns", "add", self.ns)
+        try:
+            ip_batch(self.ns, ["link set lo up"])
+            self._entered = entered(self.ns)
+            self._entered.__enter__()
+        except BaseException:
+            subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, check=False)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._entered is not None:
+                self._entered.__exit__(None, None, None)
+        finally:
+            subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, check=False)
+
+    def cut(self) -> None:
+        """Drop every packet on lo: a token bucket of one byte passes none (this kernel has no netem)."""
+        run("ip", "netns", "exec", self.ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1kbit",
+            "burst", "1", "latency", "1ms")  # fmt: skip
+
+    def attach(self) -> None:
+        run("ip", "netns", "exec", self.ns, "tc", "qdisc", "del", "dev", "lo", "root")

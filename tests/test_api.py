@@ -49,21 +49,22 @@ def test_unknown_name_is_an_attribute_error() -> None:
         _ = passt_repair.Nonexistent  # type: ignore[attr-defined]
 
 
+def public(cls: type) -> dict[str, object]:
+    """The public members of `cls`, inherited ones included, as defined (functions and properties, unbound)."""
+    return {name: inspect.getattr_static(cls, name) for name in dir(cls) if not name.startswith("_")}
+
+
 @pytest.mark.parametrize("cls", [server.RepairServer, aio.AsyncRepairServer])
 def test_every_public_method_is_documented(cls: type) -> None:
-    for name, member in vars(cls).items():
-        if name.startswith("_"):
-            continue
+    members = public(cls)
+    assert {"accept", "switch", "queue", "flush", "repair", "listen", "detach", "close", "helper"} <= members.keys()
+    for name, member in members.items():
         target = member.fget if isinstance(member, property) else member
         assert inspect.getdoc(target), f"{cls.__name__}.{name} has no docstring"
 
 
 def test_async_server_mirrors_the_blocking_one() -> None:
     """The same public methods and properties, with the same parameters; the waits are coroutines."""
-
-    def public(cls: type) -> dict[str, object]:
-        return {name: member for name, member in vars(cls).items() if not name.startswith("_")}
-
     blocking, asynchronous = public(server.RepairServer), public(aio.AsyncRepairServer)
     assert blocking.keys() == asynchronous.keys()
     for name, member in blocking.items():

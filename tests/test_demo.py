@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from support import SETPRIV_NO_CAPS
 
@@ -74,3 +77,45 @@ def test_demo_usage() -> None:
     helped = subprocess.run([str(DEMO), "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert helped.returncode == 0
     assert "unshare -Urn" in helped.stdout
+
+
+def test_demo_in_a_new_network_namespace() -> None:
+    """The help's own hint, `unshare -Urn passt-repair-demo`: loopback starts down there, the demo brings it up."""
+    done = _run(["unshare", "-Urn"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("In a new network namespace: brought the loopback interface up.")
+    _assert_moved(done.stdout)
+
+
+def test_demo_in_a_user_namespace_alone_shows_the_helpers_log() -> None:
+    """`unshare -Ur`: CAP_NET_ADMIN in a user namespace that does not own the sockets' network namespace.
+    The helper refuses with EPERM; the demo's one line carries the helper's own words and what to run instead."""
+    done = _run(["unshare", "-Ur"])
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("passt-repair-demo: error: checkpoint: ")
+    log = lines[0].split("; the helper's log: ", 1)[1]
+    assert log.startswith("passt-repair: error: command ON (1) on 1 ")
+    assert "setsockopt(TCP_REPAIR): EPERM" in log
+    assert " connected to " not in log
+    assert lines[0].endswith("unshare -Urn passt-repair-demo")
+
+
+def test_demo_does_not_wait_for_a_helper_that_exited(tmp_path: Path) -> None:
+    """A helper that exits before connecting (no capability, a bad path) ends the wait at once, with its words."""
+    from passt_repair.demo import DemoError, _accept
+    from passt_repair.server import RepairServer
+
+    with RepairServer(tmp_path / "demo.repair") as server:
+        helper = subprocess.Popen(
+            ["sh", "-c", "echo 'passt-repair: error: no CAP_NET_ADMIN' >&2; exit 1"], stderr=subprocess.PIPE
+        )
+        started = time.monotonic()
+        with pytest.raises(DemoError) as caught:
+            _accept(server, helper, timeout=10)
+        took = time.monotonic() - started
+    assert (
+        str(caught.value) == "the helper exited with status 1 before connecting: passt-repair: error: no CAP_NET_ADMIN"
+    )
+    assert took < 5, f"waited {took:.1f} s for a helper that had exited"

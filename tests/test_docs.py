@@ -10,13 +10,14 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import passt_repair
 from passt_repair.protocol import Command
-from support import HELPER, TcpPairs, have, raw_server_with_helper
+from support import HELPER, SETPRIV_NO_CAPS, TcpPairs, have, raw_server_with_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "docs" / "passt-repair.1"
@@ -135,9 +136,20 @@ def guide_blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", GUIDE.read_text(), re.S | re.M)
 
 
-def run_example(args: list[str], cwd: Path, python: str = sys.executable, **extra_env: str) -> None:
-    env = {**os.environ, "PATH": f"{HELPER.parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra_env}
-    r = subprocess.run([python, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+#: PATH as after the README's set-up: the virtual environment is not on it.
+PLAIN_PATH = os.pathsep.join(
+    d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if Path(d) != HELPER.parent
+)
+
+
+def run_example(
+    args: list[str], cwd: Path, python: str = sys.executable, prefix: tuple[str, ...] = (), **extra_env: str
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": PLAIN_PATH, **extra_env}
+    return subprocess.run([*prefix, python, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+def assert_ran(r: subprocess.CompletedProcess[str]) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Traceback" not in r.stderr, r.stderr
 
@@ -149,12 +161,26 @@ def test_guide_has_examples() -> None:
 @pytest.mark.parametrize("number", range(len(guide_blocks())))
 def test_guide_example_runs(tmp_path: Path, number: int) -> None:
     """Each ```python block of docs/guide.md, as a program of its own, against the installed helper."""
-    run_example(["-c", guide_blocks()[number]], tmp_path)
+    assert_ran(run_example(["-c", guide_blocks()[number]], tmp_path))
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(tmp_path: Path, example: Path) -> None:
-    run_example([str(example)], tmp_path)
+    """`.venv/bin/python examples/X.py` as root, the virtual environment not on PATH."""
+    assert_ran(run_example([str(example)], tmp_path))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example_without_capabilities_ends_at_once(tmp_path: Path, example: Path) -> None:
+    """Without CAP_NET_ADMIN the helper exits 1 at once with its reason; the example follows it, no 10 s wait."""
+    started = time.monotonic()
+    r = run_example([str(example)], tmp_path, prefix=tuple(SETPRIV_NO_CAPS))
+    took = time.monotonic() - started
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "passt-repair: error: CAP_NET_ADMIN is not in the effective capability set" in r.stderr
+    assert r.stderr.rstrip().endswith("the helper exited with status 1 without connecting")
+    assert took < 5, f"took {took:.1f} s"
 
 
 def python_3_10() -> str | None:
@@ -172,4 +198,39 @@ def test_async_example_runs_on_python_3_10(tmp_path: Path) -> None:
     python = python_3_10()
     if python is None:
         pytest.skip("no Python 3.10 interpreter found")
-    run_example([str(ROOT / "examples" / "async_server.py")], tmp_path, python, PYTHONPATH=str(ROOT / "src"))
+    path = f"{HELPER.parent}{os.pathsep}{PLAIN_PATH}"  # that interpreter has no passt-repair beside it
+    assert_ran(
+        run_example(
+            [str(ROOT / "examples" / "async_server.py")], tmp_path, python, PYTHONPATH=str(ROOT / "src"), PATH=path
+        )
+    )
+
+
+# -- the guide's shell commands ------------------------------------------------------
+
+
+def guide_commands() -> list[str]:
+    """The guide's shell commands that need neither passt nor systemd: those run with the README's set-up."""
+    blocks = re.findall(r"^```sh\n(.*?)^```$", GUIDE.read_text(), re.S | re.M)
+    lines = [line for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line.startswith((".venv/bin/", "man -l "))]
+
+
+def test_guide_commands_are_found() -> None:
+    assert {c.split()[0] for c in guide_commands()} == {".venv/bin/python", ".venv/bin/passt-repair-check", "man"}
+
+
+@pytest.mark.parametrize("command", guide_commands())
+def test_guide_command_runs_as_written(tmp_path: Path, command: str) -> None:
+    """Each command as the guide writes it, in a directory where the README's `.venv` is, that not on PATH."""
+    if command.startswith("man ") and not have("man"):
+        pytest.skip("man is not installed")
+    (tmp_path / ".venv").symlink_to(sys.prefix)
+    (tmp_path / "example.py").write_text(guide_blocks()[0])  # "Save one as example.py"
+    env = {**os.environ, "PATH": PLAIN_PATH, "MANPAGER": "cat", "MANWIDTH": "80"}
+    r = subprocess.run(["sh", "-c", command], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    if command.startswith("man "):
+        assert "passt-repair" in r.stdout
+        assert "TCP_REPAIR" in r.stdout

@@ -2,7 +2,7 @@
 
 The service address lives on the source; the peer's connections to it carry
 numbered byte streams both ways while they move to the target, in the order
-of SPEC §7:
+of docs/migration.md:
 
  1. the source stops receiving for the service address (it is removed there);
  2. the source's sockets are frozen in repair mode and dumped;
@@ -126,7 +126,7 @@ def move(
     before_dump: Callable[[], None] = lambda: None,
     after_dump: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
-    """SPEC §7, step by step; returns what checkpoint, restore and resume said."""
+    """The order of docs/migration.md, step by step; returns what checkpoint, restore and resume said."""
     net = h.net
     services = ([net.service4], [net.service6])
     before_dump()

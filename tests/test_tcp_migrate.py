@@ -1,10 +1,15 @@
-"""Checkpoint and restore on real sockets over loopback, in this network namespace.
+"""Checkpoint and restore on real sockets over loopback, each test in a network namespace of its own.
 
 Each test moves live connections into new sockets through the installed
 helper (running with CAP_NET_ADMIN alone) or directly (the tests run as
 root), and reads the outcome back from the kernel: TCP_INFO, the options,
-the bytes that arrive. Moves between hosts, in the order that loses
-nothing, are in test_migration_netns.py.
+the bytes that arrive. A move on one host has a gap: the frozen socket is
+closed before the new one exists (both cannot hold the 4-tuple), and a
+segment from the peer in between (its delayed ACK, 40 ms after the last
+data) meets no socket and draws a reset. So loopback is cut off from the
+dump until the restore (`move`), as the order of docs/migration.md does
+with the service address. Moves between hosts are in
+test_migration_netns.py.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from netns import Loopback
 from passt_repair.protocol import Command
 from passt_repair.server import RepairError, RepairServer, repair_state
 from passt_repair.tcp import (
@@ -28,6 +34,7 @@ from passt_repair.tcp import (
     DumpError,
     RecordError,
     Restored,
+    StepError,
     Switcher,
     TcpState,
     checkpoint,
@@ -43,6 +50,13 @@ from support import SETPRIV_NET_ADMIN_ONLY, Helper
 
 SOL_TCP = socket.IPPROTO_TCP
 TCP_INFO = 11
+
+
+@pytest.fixture(autouse=True)
+def lo() -> Iterator[Loopback]:
+    """This test's own namespace: its sockets live there, and `move` cuts its loopback off for the gap."""
+    with Loopback() as loopback:
+        yield loopback
 
 
 @contextlib.contextmanager
@@ -117,8 +131,9 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-def move(socks: list[socket.socket], switcher: Switcher) -> Restored:
-    """Checkpoint, encode, close the old sockets, decode, restore, resume: the whole move in one place."""
+def move(socks: list[socket.socket], switcher: Switcher, lo: Loopback) -> Restored:
+    """Cut off, checkpoint, encode, close the old sockets, decode, restore, reattach, resume: the whole move."""
+    lo.cut()
     frozen = checkpoint(socks, switcher)
     assert frozen.failures == []
     data = encode(frozen.states)
@@ -126,6 +141,7 @@ def move(socks: list[socket.socket], switcher: Switcher) -> Restored:
     for s in socks:
         s.close()
     restored = restore(decode(data), switcher)
+    lo.attach()
     resume(restored, switcher)
     assert restored.failures == []
     return restored
@@ -148,6 +164,7 @@ OPTIONS = [
     ("sndbuf", socket.SOL_SOCKET, socket.SO_SNDBUF, 300000),
     ("rcvbuf", socket.SOL_SOCKET, socket.SO_RCVBUF, 200000),
     ("mark", socket.SOL_SOCKET, 36, 0xC0FFEE),
+    ("notsent_lowat", SOL_TCP, 25, 131072),  # TCP_NOTSENT_LOWAT
 ]
 
 
@@ -163,7 +180,7 @@ def read_options(sock: socket.socket) -> dict[str, int | bytes]:
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
 def test_move_keeps_queues_options_and_tcp_facts(
-    switcher: Switcher, pairs: list[Pair], family: socket.AddressFamily
+    switcher: Switcher, pairs: list[Pair], lo: Loopback, family: socket.AddressFamily
 ) -> None:
     """Unread received bytes and unsent bytes (the peer's window is full) move; so do the user's options."""
     pair = Pair(family, peer_rcvbuf=4096)
@@ -185,12 +202,13 @@ def test_move_keeps_queues_options_and_tcp_facts(
     with contextlib.suppress(BlockingIOError):
         while written < len(outgoing):
             written += s.send(outgoing[written:])
-    s.settimeout(5)  # timeout mode: the dump must not poll the repair send queue (SPEC §7)
+    s.settimeout(5)  # timeout mode: the dump must not poll the repair send queue (docs/migration.md)
     deadline = time.monotonic() + 5
     while _inq(s) < len(incoming):
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
+    lo.cut()
     frozen = checkpoint([s], switcher)
     assert frozen.failures == []
     (st,) = frozen.states
@@ -217,6 +235,7 @@ def test_move_keeps_queues_options_and_tcp_facts(
     assert new is not None
     assert repair_state(new), "restore leaves the new socket in repair mode until resume"
     assert new.getsockopt(SOL_TCP, socket.TCP_MAXSEG) == st.mss, "in repair mode TCP_MAXSEG reads the MSS clamp"
+    lo.attach()
     resume(restored, switcher)
     assert restored.failures == []
     assert not repair_state(new)
@@ -313,7 +332,7 @@ def _fill_window(sock: socket.socket) -> int:
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("closing", ["FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK", "CLOSING"])
 def test_closing_state_moves_and_finishes(
-    switcher: Switcher, pairs: list[Pair], closing: str, family: socket.AddressFamily
+    switcher: Switcher, pairs: list[Pair], lo: Loopback, closing: str, family: socket.AddressFamily
 ) -> None:
     """Each closing state moves and the close finishes cleanly on the new socket.
 
@@ -340,7 +359,7 @@ def test_closing_state_moves_and_finishes(
         assert time.monotonic() < deadline, f"{state_of(s).name}, not {closing}"
         time.sleep(0.01)
 
-    restored = move([s], switcher)
+    restored = move([s], switcher, lo)
     new = restored.sockets[0]
     assert new is not None
     new.settimeout(10)
@@ -539,3 +558,179 @@ def test_checkpoint_lays_the_stream_out_in_a_given_buffer(switcher: Switcher, pa
     assert ready[: len(again.data)] == bytes(again.data) == encode(again.states)
     assert again.states[0].received == b"queued"
     thaw([p.server for p in pairs], switcher)
+
+
+def test_checkpoint_reports_a_unix_stream_socket(switcher: Switcher, pairs: list[Pair]) -> None:
+    """A connected AF_UNIX stream socket (unnamed: its address is '') is a failure like any other non-TCP one."""
+    good = Pair()
+    pairs.append(good)
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    named = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with left, right, named:
+        frozen = checkpoint([left, good.server, named, right], switcher)
+        assert frozen.indices == [1]
+        assert [f.index for f in frozen.failures] == [0, 2, 3]
+        for failure in frozen.failures:
+            assert failure.reason.startswith("not a TCP socket"), failure
+            assert failure.connection.startswith("descriptor "), failure
+        left.sendall(b"unix still works")
+        assert right.recv(64) == b"unix still works"
+    thaw([good.server], switcher)
+    good.server.sendall(b"still here")
+    assert recv_exactly(good.peer, 10) == b"still here"
+
+
+# -- steps asked twice: refused, nothing changed -----------------------------
+
+
+def _stalled(family: socket.AddressFamily = socket.AF_INET) -> tuple[Pair, int]:
+    """A pair whose server has 3 MB unsent behind the peer's closed window, in a buffer with room for more."""
+    pair = Pair(family, peer_rcvbuf=4096)
+    pair.server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    pair.server.setblocking(False)
+    queued = pair.server.send(bytes(3 << 20))
+    pair.server.setblocking(True)
+    assert queued == 3 << 20
+    return pair, queued
+
+
+def test_resume_twice_is_refused_and_changes_nothing(switcher: Switcher, pairs: list[Pair], lo: Loopback) -> None:
+    """A second resume() must not push the unsent bytes again (nor reset the connection when they do not fit)."""
+    pair, queued = _stalled()
+    pairs.append(pair)
+    lo.cut()
+    frozen = checkpoint([pair.server], switcher)
+    assert len(frozen.states[0].unsent) > 2 << 20, "megabytes behind the zero window"
+    pair.server.close()
+    restored = restore(decode(encode(frozen.states)), switcher)
+    lo.attach()
+    resume(restored, switcher)
+    assert restored.failures == []
+    new = restored.sockets[0]
+    assert new is not None
+    with pytest.raises(StepError, match=r"resume\(\): connection 0 \(.*\) is already resumed"):
+        resume(restored, switcher)
+    assert restored.failures == []
+    assert restored.sockets[0] is new
+    assert not repair_state(new)
+    assert recv_exactly(pair.peer, queued) == bytes(queued)
+    new.sendall(b"end")
+    assert recv_exactly(pair.peer, 3) == b"end", "every byte once, then what came after: nothing sent twice"
+    new.close()
+    assert pair.peer.recv(1) == b""
+
+
+def test_restore_of_states_already_restored_is_refused(switcher: Switcher, pairs: list[Pair], lo: Loopback) -> None:
+    """The same states restored again while their sockets are open: refused before any socket is made."""
+    pair = Pair()
+    pairs.append(pair)
+    pair.peer.sendall(b"queued")
+    time.sleep(0.05)
+    lo.cut()
+    frozen = checkpoint([pair.server], switcher)
+    pair.server.close()
+    states = decode(encode(frozen.states))
+    first = restore(states, switcher)
+    assert first.failures == []
+    before = open_fds()
+    with pytest.raises(StepError, match=r"restore\(\): record 0 \(.*\) is already restored"):
+        restore(states, switcher)
+    assert open_fds() == before
+    assert dataclasses.replace(states[0]) == states[0], "the mark is not part of the record"
+    old = first.sockets[0]
+    assert old is not None
+    old.close()  # in repair mode: silent, and the record may be restored anew
+    again = restore(states, switcher)
+    lo.attach()
+    resume(again, switcher)
+    assert again.failures == []
+    new = again.sockets[0]
+    assert new is not None
+    new.settimeout(10)
+    assert recv_exactly(new, 6) == b"queued"
+    new.sendall(b"moved")
+    assert recv_exactly(pair.peer, 5) == b"moved"
+    new.close()
+
+
+def test_thaw_twice_is_refused(switcher: Switcher, pairs: list[Pair]) -> None:
+    pair = Pair()
+    pairs.append(pair)
+    checkpoint([pair.server], switcher)
+    thaw([pair.server], switcher)
+    with pytest.raises(StepError, match=r"thaw\(\): connection 0 \(.*\) is not frozen"):
+        thaw([pair.server], switcher)
+    pair.server.sendall(b"carry on")
+    assert recv_exactly(pair.peer, 8) == b"carry on"
+
+
+# -- what the docs say happens -------------------------------------------------
+
+MIGRATION_DOC = Path(__file__).resolve().parent.parent / "docs" / "migration.md"
+
+
+def test_fin_wait2_resumes_in_fin_wait1_and_the_fin_is_sent_again(
+    switcher: Switcher, pairs: list[Pair], lo: Loopback
+) -> None:
+    """As docs/migration.md says: FIN_WAIT1 after resume, the FIN again when the retransmission timer fires."""
+    pair = Pair()
+    pairs.append(pair)
+    pair.server.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + 5
+    while state_of(pair.server) != TcpState.FIN_WAIT2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert pair.peer.recv(1) == b""
+    restored = move([pair.server], switcher, lo)
+    resumed_at = time.monotonic()
+    new = restored.sockets[0]
+    assert new is not None
+    assert state_of(new) == TcpState.FIN_WAIT1, "no window probe outside ESTABLISHED: nothing acknowledges the FIN yet"
+    while state_of(new) != TcpState.FIN_WAIT2:
+        assert time.monotonic() < resumed_at + 5, "the retransmitted FIN is acknowledged"
+        time.sleep(0.01)
+    waited = time.monotonic() - resumed_at
+    assert 0.1 < waited < 3, f"the FIN went again when the retransmission timer fired, not after {waited:.2f} s"
+    doc = " ".join(MIGRATION_DOC.read_text().split())
+    assert "never transmitted" not in doc
+    assert "`FIN_WAIT2` connection is `FIN_WAIT1` after `resume`" in doc
+    pair.peer.sendall(b"the peer still talks")
+    new.settimeout(10)
+    assert recv_exactly(new, 20) == b"the peer still talks"
+    new.close()
+
+
+def test_restore_without_the_local_address_fails_at_bind(switcher: Switcher, pairs: list[Pair]) -> None:
+    """The address is not on this host: bind() fails with EADDRNOTAVAIL, the errno docs/migration.md names."""
+    pair = Pair()
+    pairs.append(pair)
+    state = checkpoint([pair.server], switcher).states[0]
+    thaw([pair.server], switcher)
+    elsewhere = dataclasses.replace(state, local=("198.18.255.254", state.local[1]))
+    restored = restore([elsewhere], switcher)
+    assert [f.reason.split(":")[0:2] for f in restored.failures] == [
+        ["bind()", " EADDRNOTAVAIL (Cannot assign requested address)"]
+    ]
+    assert restored.sockets == [None]
+    doc = " ".join(MIGRATION_DOC.read_text().split())
+    assert "(`bind()` fails with `EADDRNOTAVAIL` otherwise," in doc
+    assert "(`ENETUNREACH` otherwise)" not in doc
+
+
+def test_a_full_send_buffer_behind_a_small_window_resumes(switcher: Switcher, pairs: list[Pair], lo: Loopback) -> None:
+    """Megabytes unsent fill the source's whole buffer: the target's segments are the same size, so they fit too.
+
+    Segments of half the peer's small window, 12 bytes shorter on the target (the clamp less the timestamp
+    option), made more buffers of overhead than the source had, and the unsent bytes failed with ENOBUFS.
+    """
+    pair = Pair(peer_rcvbuf=4096)
+    pairs.append(pair)
+    pair.server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    queued = _fill_window(pair.server)
+    segment = pair.server.getsockopt(SOL_TCP, socket.TCP_MAXSEG)
+    restored = move([pair.server], switcher, lo)
+    new = restored.sockets[0]
+    assert new is not None
+    assert new.getsockopt(SOL_TCP, socket.TCP_MAXSEG) == segment, "the segment size the source used"
+    assert recv_exactly(pair.peer, queued) == bytes(queued)
+    new.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -52,6 +53,7 @@ def sample(**changes: object) -> ConnectionState:
             rcvbuf=131072,
             tos=0x10,
             mark=0xFFFFFFFF,
+            notsent_lowat=131072,
         ),
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
@@ -115,6 +117,7 @@ def states(draw: st.DrawFn) -> ConnectionState:
             rcvbuf=draw(st.none() | st.integers(1, 0x7FFFFFFF)),
             tos=draw(st.integers(0, 255)),
             mark=draw(U32),
+            notsent_lowat=draw(U32),
         ),
     )
 
@@ -155,10 +158,13 @@ def test_empty_list() -> None:
 def test_layout_starts_with_magic_version_count() -> None:
     data = encode([sample(), sample6()])
     assert data[:4] == b"PRTC"
-    assert struct.unpack("!HHI", data[4:12]) == (1, 0, 2)
+    assert struct.unpack("!HHI", data[4:12]) == (2, 0, 2)
     (length,) = struct.unpack("!I", data[12:16])
     assert data[16] == 4  # the first record's family
     assert data[16 + length + 4] == 6  # the next record starts right after it
+    # The record ends with the CRC-32 of everything before it, its length word included.
+    assert struct.unpack("!I", data[12 + length : 16 + length])[0] == zlib.crc32(data[12 : 12 + length])
+    assert data.endswith(bytes(sample6().received) + struct.pack("!I", zlib.crc32(data[16 + length : -4])))
 
 
 # -- what decode refuses -----------------------------------------------------
@@ -175,7 +181,8 @@ def test_every_truncation_is_refused() -> None:
     ("mangle", "fragment"),
     [
         (lambda d: b"XXXX" + d[4:], "not a connection state stream"),
-        (lambda d: d[:4] + struct.pack("!H", 2) + d[6:], "unsupported version 2"),
+        (lambda d: d[:4] + struct.pack("!H", 3) + d[6:], "unsupported version 3"),
+        (lambda d: d[:4] + struct.pack("!H", 1) + d[6:], "version 1 stream .no integrity check. is not read"),
         (lambda d: d[:6] + struct.pack("!H", 1) + d[8:], "reserved header field"),
         (lambda d: d[:8] + struct.pack("!I", 3) + d[12:], "announces 3 records, the stream holds 2"),
         (lambda d: d[:8] + struct.pack("!I", 1) + d[12:], "bytes after the last of 1 records"),
@@ -197,16 +204,30 @@ def _record(data: bytes, index: int = 0) -> int:
     return offset
 
 
+def reseal(data: bytes | bytearray) -> bytes:
+    """`data` with each record's CRC made right again, as far as the length words lead."""
+    buf = bytearray(data)
+    offset = 12
+    while offset + 4 <= len(buf):
+        (length,) = struct.unpack_from("!I", buf, offset)
+        if length < 4 or offset + length + 4 > len(buf):
+            break
+        struct.pack_into("!I", buf, offset + length, zlib.crc32(buf[offset : offset + length]))
+        offset += length + 4
+    return bytes(buf)
+
+
 def _patch(data: bytes, offset: int, fmt: str, value: int) -> bytes:
+    """A field changed, the CRCs recomputed: what a bug on the source, not damage on the way, would make."""
     buf = bytearray(data)
     struct.pack_into("!" + fmt, buf, offset, value)
-    return bytes(buf)
+    return reseal(buf)
 
 
 # Offsets within an IPv4 record: its length word 0; after it: family 0, state 1, flags 2, local 4-9,
 # remote 10-15, snd_seq 16, rcv_seq 20, mss 24, wscales 26/27, timestamp 28, window 32-51,
 # keepidle 52, keepintvl 54, keepcnt 56, user_timeout 57, tos 61, mark 62, sndbuf 66, rcvbuf 70,
-# name length 74, sent 75, unsent 79, received 83.
+# notsent_lowat 74, name length 78, sent 79, unsent 83, received 87; the CRC after the queues.
 @pytest.mark.parametrize(
     ("at", "fmt", "value", "fragment"),
     [
@@ -224,8 +245,8 @@ def _patch(data: bytes, offset: int, fmt: str, value: int) -> bytes:
         (4 + 36, "I", 70000, "max_window 65535 is below snd_wnd 70000"),
         (4 + 52, "H", 0, "TCP_KEEPIDLE 0 is out of range"),
         (4 + 56, "B", 200, "TCP_KEEPCNT 200 is out of range"),
-        (4 + 74, "B", 3, "inconsistent"),
-        (4 + 75, "I", 0xFFFFFF00, "inconsistent: the record says"),
+        (4 + 78, "B", 3, "inconsistent"),
+        (4 + 79, "I", 0xFFFFFF00, "inconsistent: the record says"),
     ],
 )
 def test_bad_field(at: int, fmt: str, value: int, fragment: str) -> None:
@@ -250,9 +271,9 @@ def test_congestion_name_not_ascii() -> None:
     data = encode([sample()])
     name_at = data.index(b"reno")
     with pytest.raises(RecordError, match="not ASCII"):
-        decode(data[:name_at] + b"r\xe9no" + data[name_at + 4 :])
+        decode(reseal(data[:name_at] + b"r\xe9no" + data[name_at + 4 :]))
     with pytest.raises(RecordError, match="not a congestion control name"):
-        decode(data[:name_at] + b"r no" + data[name_at + 4 :])
+        decode(reseal(data[:name_at] + b"r no" + data[name_at + 4 :]))
 
 
 def test_second_record_named() -> None:
@@ -269,10 +290,12 @@ def test_oversized_queue() -> None:
         encode([big])
     # Bytes made by hand: the decoder refuses them after reading the length, before any socket exists.
     ok = encode([sample(received=b"")])
-    at = 12 + 4 + 83
-    raw = _patch(_patch(ok, at, "I", MAX_QUEUE + 1), 12, "I", struct.unpack_from("!I", ok, 12)[0] + MAX_QUEUE + 1)
+    at = 12 + 4 + 87
+    raw = bytearray(ok[:-4] + bytes(MAX_QUEUE + 1) + bytes(4))
+    struct.pack_into("!I", raw, at, MAX_QUEUE + 1)
+    struct.pack_into("!I", raw, 12, struct.unpack_from("!I", ok, 12)[0] + MAX_QUEUE + 1)
     with pytest.raises(RecordError, match="oversized"):
-        decode(raw + bytes(MAX_QUEUE + 1))
+        decode(reseal(raw))
 
 
 @given(st.data())
@@ -291,6 +314,47 @@ def test_decode_accepts_only_what_encode_makes(data: st.DataObject) -> None:
         return
     assert message
     assert "\n" not in message
+
+
+# -- integrity ---------------------------------------------------------------
+
+
+def test_every_single_bit_flip_is_refused() -> None:
+    """Each of the stream's bits flipped in turn, queues included: never a record, always RecordError."""
+    data = encode([sample(), sample6(state=TcpState.CLOSE_WAIT, rcv_shutdown=True), sample(sent=b"", unsent=b"")])
+    assert all(len(q) for q in (sample().sent, sample().unsent, sample().received))
+    decode(data)
+    flipped = bytearray(data)
+    for bit in range(len(data) * 8):
+        flipped[bit >> 3] ^= 1 << (bit & 7)
+        with pytest.raises(RecordError) as refused:
+            decode(flipped)
+        assert "\n" not in str(refused.value)
+        flipped[bit >> 3] ^= 1 << (bit & 7)
+    assert flipped == data
+
+
+def test_a_flipped_queue_byte_fails_the_integrity_check() -> None:
+    data = bytearray(encode([sample(), sample6()]))
+    at = data.index(b"unsent")
+    data[at] ^= 0x20
+    with pytest.raises(RecordError, match=r"^record 0: integrity check failed: the record's CRC-32 is 0x[0-9a-f]{8}"):
+        decode(data)
+    second = bytearray(encode([sample(), sample6()]))
+    second[-1] ^= 1  # the second record's own CRC
+    with pytest.raises(RecordError, match=r"^record 1: integrity check failed"):
+        decode(second)
+
+
+def test_the_integrity_check_comes_before_any_value() -> None:
+    """A damaged MSS reads as damage, not as an out-of-range MSS: the CRC is checked first."""
+    data = encode([sample()])
+    damaged = bytearray(data)
+    struct.pack_into("!H", damaged, 12 + 4 + 24, 0)
+    with pytest.raises(RecordError, match="integrity check failed"):
+        decode(damaged)
+    with pytest.raises(RecordError, match="MSS 0 is out of range"):
+        decode(reseal(damaged))
 
 
 # -- what check refuses (and encode, and restore, through it) ----------------
@@ -319,6 +383,7 @@ def test_decode_accepts_only_what_encode_makes(data: st.DataObject) -> None:
         ({"options": SocketOptions(mark=-1)}, "SO_MARK -1"),
         ({"options": SocketOptions(keepintvl=40000)}, "TCP_KEEPINTVL 40000"),
         ({"options": SocketOptions(user_timeout=-5)}, "TCP_USER_TIMEOUT -5"),
+        ({"options": SocketOptions(notsent_lowat=1 << 32)}, "TCP_NOTSENT_LOWAT 4294967296"),
     ],
 )
 def test_check_refuses(changes: dict[str, object], fragment: str) -> None:

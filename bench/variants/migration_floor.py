@@ -91,7 +91,7 @@ def _dump_calls(socks: list[socket.socket], stream: memoryview) -> list[tuple[in
         get(SOL_TCP, 21, 4)  # TCP_QUEUE_SEQ
         v.getsockname()
         v.getpeername()
-        for level, option in ((1, 72), (6, 1), (1, 9), (6, 4), (6, 5), (6, 6), (6, 18), (0, 1), (1, 36)):
+        for level, option in ((1, 72), (6, 1), (1, 9), (6, 4), (6, 5), (6, 6), (6, 18), (0, 1), (1, 36), (6, 25)):
             get(level, option)
         get(SOL_TCP, 13, 16)  # TCP_CONGESTION
         get(1, 42)  # SO_PEEK_OFF

@@ -10,7 +10,8 @@ bytes flow both ways on the same connection before and after the move.
 
 Needs CAP_NET_ADMIN for the helper. Without it, the demo re-runs itself
 in a private user and network namespace (`unshare -Urn`), where it has
-the capability for that namespace's sockets, and brings loopback up there.
+the capability for that namespace's sockets. In a new network namespace
+loopback starts down: the demo brings it up, however it got there.
 
 Exit status: 0 when the connection moved and carried bytes after the
 move, 1 on any failure (one line on stderr), 2 on a usage error.
@@ -27,8 +28,13 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .server import HelperInfo, RepairServer
 
 __all__ = ["main"]
 
@@ -110,7 +116,7 @@ def helper_command() -> list[str]:
     script = Path(sys.executable).with_name("passt-repair")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "passt_repair"]
+    return [sys.executable, "-I", "-m", "passt_repair"]
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -129,6 +135,36 @@ def _exchange(say: Callable[[str], None], a: socket.socket, b: socket.socket, a_
     if got != message:
         raise DemoError(f"sent {message!r}, the other end read {got!r}")
     say(f"   {a_name} sent {message.decode()!r}: arrived intact")
+
+
+def _helper_said(helper: subprocess.Popen[bytes]) -> str:
+    """What the helper wrote to stderr but its "connected" notice, as one line (it has exited, or is killed now)."""
+    try:
+        _, err = helper.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        helper.kill()
+        _, err = helper.communicate()
+    lines = [line.strip() for line in err.decode(errors="replace").splitlines()]
+    return "; ".join(line for line in lines if line and " connected to " not in line)
+
+
+def _accept(server: RepairServer, helper: subprocess.Popen[bytes], timeout: float) -> HelperInfo:
+    """The helper's connection; a helper that exits first (no capability, say) ends the wait at once."""
+    from .server import NoHelperError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return server.accept(timeout=0.05)
+        except NoHelperError:
+            if helper.poll() is not None:
+                said = _helper_said(helper)
+                raise DemoError(
+                    f"the helper exited with status {helper.returncode} before connecting"
+                    + (f": {said}" if said else "")
+                ) from None
+            if time.monotonic() > deadline:
+                raise
 
 
 def run(say: Callable[[str], None]) -> None:
@@ -161,7 +197,7 @@ def run(say: Callable[[str], None]) -> None:
 
         with RepairServer(path, reply_timeout=10) as server:
             helper = subprocess.Popen([*helper_command(), str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            info = server.accept(timeout=10)
+            info = _accept(server, helper, timeout=10)
             say(f"3. started the helper: {' '.join(helper_command())} {path} (pid {info.pid}, uid {info.uid})")
             drop_net_admin()
             try:
@@ -225,8 +261,10 @@ def run(say: Callable[[str], None]) -> None:
         if peer.recv(1) != b"":
             raise DemoError("the peer did not see the connection end cleanly")
         say("13. the server closed the new socket; the peer read a clean end of file (no reset)")
-    except (RepairError, OSError, subprocess.SubprocessError) as e:
-        raise DemoError(str(e)) from None
+    except (DemoError, RepairError, OSError, subprocess.SubprocessError) as e:
+        unread = helper is not None and helper.stderr is not None and not helper.stderr.closed
+        said = _helper_said(helper) if helper is not None and unread else ""
+        raise DemoError(f"{e}" + (f"; the helper's log: {said}" if said else "") + _hint(said)) from None
     finally:
         for s in closing:
             s.close()
@@ -235,6 +273,20 @@ def run(say: Callable[[str], None]) -> None:
             helper.communicate()
         path.unlink(missing_ok=True)
         workdir.rmdir()
+
+
+def _hint(said: str) -> str:
+    """Why a helper with CAP_NET_ADMIN got EPERM here, when that is the likely reason."""
+    if "EPERM" not in said or _in_initial_user_namespace():
+        return ""
+    return (
+        f"; this user namespace's CAP_NET_ADMIN does not reach a network namespace it does not own: "
+        f"give it one of its own, unshare -Urn {PROG}"
+    )
+
+
+def _in_initial_user_namespace() -> bool:
+    return Path("/proc/self/uid_map").read_text().split() == ["0", "0", "4294967295"]
 
 
 def _queue_sequences(sock: socket.socket) -> tuple[int, int]:
@@ -296,8 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _error(_NO_CAPABILITY)
         return _rerun_unshared(args)
     try:
-        if os.environ.get(_UNSHARED) and loopback_up():
-            print("In a private network namespace: brought the loopback interface up.", flush=True)
+        if loopback_up():  # a new network namespace starts with it down, whoever made the namespace
+            print("In a new network namespace: brought the loopback interface up.", flush=True)
         print("Moving a live TCP connection into a new socket through passt-repair:", flush=True)
         run(lambda line: print(line, flush=True))
     except DemoError as e:

@@ -3,11 +3,13 @@
 The steps, on a socket already switched to repair mode (docs/migration.md
 has the kernel's side of each; docs/performance.md why each call stays):
 
- 1. TCP_INFO (its first 7 bytes): the TCP state, which options are on
-    (SACK, timestamps, window scaling), both window scales. A caller that
-    read them before the switch passes them in (`probe(info=...)`).
+ 1. TCP_INFO (up to tcpi_pacing_rate): the TCP state, which options are on
+    (SACK, timestamps, window scaling), both window scales, the pacing rate.
+    A caller that read them before the switch passes them in
+    (`probe(info=...)`).
  2. TCP_MAXSEG, which in repair mode is the MSS clamp; TCP_TIMESTAMP, the
-    current timestamp value, if timestamps are on.
+    current timestamp value, if timestamps are on, plus the pacing lead
+    (`pacing_lead`): the record's value is never below a TSval already sent.
  3. TCP_REPAIR_WINDOW (EPERM here: the socket is not in repair mode).
  4. The queues' lengths: SIOCOUTQ (bytes not acknowledged), SIOCOUTQNSD
     (bytes not sent), SIOCINQ (bytes not read); none depends on the queue
@@ -53,7 +55,11 @@ __all__ = ["INFO_SIZE", "DumpError", "Probe", "dump", "probe", "reading_ended", 
 _U32 = struct.Struct("I")
 _INT = struct.Struct("i")
 _WINDOW = struct.Struct("5I")
-_INFO = struct.Struct("BBBBBBB")
+# struct tcp_info up to tcpi_pacing_rate: state, ca_state, retransmits, probes, backoff, options, wscales, ...
+_INFO = struct.Struct("=7B97xQ")
+#: Twice the largest segment TCP builds without BIG TCP (GSO_LEGACY_MAX_SIZE): see `pacing_lead`.
+_PACED_BYTES = 2 * 65536
+_UNPACED = (0, 0xFFFFFFFFFFFFFFFF)
 #: How much of TCP_INFO the dump reads.
 INFO_SIZE = _INFO.size
 _FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
@@ -223,7 +229,7 @@ def _peek(on_fd: socket.socket, length: int, into: memoryview | None, what: str)
 def probe(on_fd: socket.socket, *, rcv_shutdown: bool | None = None, info: bytes | None = None) -> Probe:
     """Steps 1-6 on the socket `on_fd` views, without the queues' bytes; DumpError naming the step that failed.
 
-    `rcv_shutdown`: as for `dump`. `info`: TCP_INFO's first 7 bytes, if the
+    `rcv_shutdown`: as for `dump`. `info`: TCP_INFO's first INFO_SIZE bytes, if the
     caller read them and knows the state cannot have changed since (None
     reads them).
     """
@@ -234,7 +240,7 @@ def probe(on_fd: socket.socket, *, rcv_shutdown: bool | None = None, info: bytes
     try:
         if info is None:
             info = get(k.SOL_TCP, k.TCP_INFO, _INFO.size)
-        state_no, _, _, _, _, options, scales = _INFO.unpack(info)
+        state_no, _, _, _, _, options, scales, pacing_rate = _INFO.unpack(info)
         state = _STATES.get(state_no)
         if state is None:
             raise DumpError(f"unknown TCP state {state_no}")
@@ -247,7 +253,7 @@ def probe(on_fd: socket.socket, *, rcv_shutdown: bool | None = None, info: bytes
         found.timestamp = None
         if options & k.TCPI_OPT_TIMESTAMPS:
             step = "getsockopt(TCP_TIMESTAMP)"
-            found.timestamp = get(k.SOL_TCP, k.TCP_TIMESTAMP) & 0xFFFFFFFF
+            found.timestamp = (get(k.SOL_TCP, k.TCP_TIMESTAMP) + pacing_lead(pacing_rate)) & 0xFFFFFFFF
 
         step = "getsockopt(TCP_REPAIR_WINDOW)"
         found.window = _WINDOW.unpack(get(k.SOL_TCP, k.TCP_REPAIR_WINDOW, _WINDOW.size))
@@ -294,6 +300,28 @@ def probe(on_fd: socket.socket, *, rcv_shutdown: bool | None = None, info: bytes
     return found
 
 
+def pacing_lead(pacing_rate: int) -> int:
+    """Milliseconds by which segments already sent may carry a TSval ahead of TCP_TIMESTAMP's clock.
+
+    With pacing (internal, as bbr or SO_MAX_PACING_RATE ask for, or by the
+    fq qdisc) the kernel stamps each segment with its earliest departure
+    time, tcp_wstamp_ns, and the TSval written into it comes from that
+    stamp; after each paced transmission the stamp moves on by the
+    segment's length at the pacing rate, ahead of the clock. TCP_TIMESTAMP
+    reads the clock itself, so the last TSval the peer saw can be above it
+    by up to one segment's worth of pacing time. A segment is at most 64 KiB
+    (GSO_LEGACY_MAX_SIZE); twice that at the current rate covers a rate that
+    has risen since, and 1 to 2 ms more the rounding to milliseconds and to
+    an even value. An unpaced socket (rate 0 or unlimited) stamps the clock
+    itself: no lead. The lead is even: since Linux 6.7 the lowest bit of TCP_TIMESTAMP says
+    whether the socket counts in microseconds, and setting the value with
+    that bit flipped would switch the target's clock to the other unit.
+    """
+    if pacing_rate in _UNPACED:
+        return 0
+    return (2 + -(-_PACED_BYTES * 1000 // pacing_rate)) & ~1
+
+
 def _options(on_fd: socket.socket, ipv6: bool, locks: int) -> SocketOptions:
     """Step 6: the options an application sets."""
     get = on_fd.getsockopt
@@ -311,5 +339,6 @@ def _options(on_fd: socket.socket, ipv6: bool, locks: int) -> SocketOptions:
             "rcvbuf": get(socket.SOL_SOCKET, socket.SO_RCVBUF) if locks & k.SOCK_RCVBUF_LOCK else None,
             "tos": get(socket.IPPROTO_IPV6, k.IPV6_TCLASS) if ipv6 else get(socket.IPPROTO_IP, k.IP_TOS),
             "mark": get(socket.SOL_SOCKET, k.SO_MARK) & 0xFFFFFFFF,
+            "notsent_lowat": get(k.SOL_TCP, k.TCP_NOTSENT_LOWAT) & 0xFFFFFFFF,
         },
     )

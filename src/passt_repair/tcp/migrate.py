@@ -39,7 +39,8 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -56,6 +57,7 @@ __all__ = [
     "DirectSwitcher",
     "Failure",
     "Restored",
+    "StepError",
     "Switcher",
     "checkpoint",
     "restore",
@@ -63,6 +65,10 @@ __all__ = [
     "stream_buffer",
     "thaw",
 ]
+
+
+class StepError(RuntimeError):
+    """A step asked of connections that have already taken it (resume or thaw twice): nothing was changed."""
 
 
 class Switcher(Protocol):
@@ -130,11 +136,15 @@ class Checkpoint:
 
 @dataclass
 class Restored:
-    """New sockets from `restore`: `sockets[i]` continues `states[i]`, or is None if it failed."""
+    """New sockets from `restore`: `sockets[i]` continues `states[i]`, or is None if it failed.
+
+    `resumed` is set by `resume`, which refuses to run twice.
+    """
 
     states: list[ConnectionState]
     sockets: list[socket.socket | None]
     failures: list[Failure] = field(default_factory=list)
+    resumed: bool = False
 
     def live(self) -> list[tuple[ConnectionState, socket.socket]]:
         """The states and sockets that have not failed."""
@@ -246,7 +256,8 @@ def _read_into_stream(
     """Peek every queue straight into its place in one buffer laid out as the encoded stream."""
     header_size = wire.HEADER_SIZE
     heads = [wire.head_size(p.local[0], p.user.congestion) for _, p in probes]
-    total = header_size + sum(h + p.send_len + p.recv_len for h, (_, p) in zip(heads, probes, strict=True))
+    trailer = wire.TRAILER_SIZE
+    total = header_size + sum(h + p.send_len + p.recv_len + trailer for h, (_, p) in zip(heads, probes, strict=True))
     if buffer is not None and len(buffer) >= total:
         stream = memoryview(buffer)[:total]
     else:
@@ -263,13 +274,14 @@ def _read_into_stream(
             # Checked here, where it fails alone: on the target, decode would refuse the whole stream.
             check_new(state)
             stream[offset:start] = wire.record_head(state, len(states))
+            wire.seal(stream, offset, end)
         except (DumpError, RecordError) as e:
             result.failures.append(Failure(index, _describe(found.view), str(e)))
             whole = False
         else:
             states.append(state)
             indices.append(index)
-        offset = end
+        offset = end + trailer
     if whole:
         stream[:header_size] = wire.header(len(states))
         result.data = stream.toreadonly()
@@ -307,16 +319,46 @@ def _tcp_info(on_fd: socket.socket) -> bytes | str:
 
 
 def _describe(on_fd: socket.socket) -> str:
+    """'local -> remote' for an IP socket; 'descriptor N' for any other (an AF_UNIX address is a string)."""
     try:
-        local, remote = on_fd.getsockname()[:2], on_fd.getpeername()[:2]
+        local, remote = on_fd.getsockname(), on_fd.getpeername()
     except OSError:
+        return f"descriptor {on_fd.fileno()}"
+    if not (isinstance(local, tuple) and isinstance(remote, tuple)):
         return f"descriptor {on_fd.fileno()}"
     return f"{local[0]}:{local[1]} -> {remote[0]}:{remote[1]}"
 
 
 def thaw(sockets: Sequence[SocketLike], switcher: Switcher) -> None:
-    """Call a move off: switch repair mode off on the source's frozen sockets; they carry on here."""
-    switcher.switch(list(sockets), Command.OFF)
+    """Call a move off: switch repair mode off on the source's frozen sockets; they carry on here.
+
+    StepError, and nothing switched, if one of them is not in repair mode
+    (thawed already, or never frozen): switching a live socket "off" again
+    would send the peer another window probe for nothing.
+    """
+    fds = [_fd(s) for s in sockets]
+    live = [index for index, fd in enumerate(fds) if not _in_repair(fd)]
+    if live:
+        raise StepError(f"thaw(): {_listed(live, lambda i: _describe_fd(fds[i]))} not frozen; nothing was switched")
+    switcher.switch(fds, Command.OFF)
+
+
+def _describe_fd(fd: int) -> str:
+    try:
+        on_fd = view(fd)
+    except (OSError, ValueError):
+        return f"descriptor {fd}"
+    try:
+        return _describe(on_fd)
+    finally:
+        on_fd.detach()
+
+
+def _listed(indices: Sequence[int], describe: Callable[[int], str]) -> str:
+    """'connection 3 (a -> b) is' or 'connections 3 (a -> b), 5 (...) and 2 more are', for StepError."""
+    named = ", ".join(f"{i} ({describe(i)})" for i in indices[:3])
+    more = f" and {len(indices) - 3} more" if len(indices) > 3 else ""
+    return f"connection {named} is" if len(indices) == 1 else f"connections {named}{more} are"
 
 
 def restore(states: Sequence[ConnectionState], switcher: Switcher) -> Restored:
@@ -326,21 +368,30 @@ def restore(states: Sequence[ConnectionState], switcher: Switcher) -> Restored:
     raises RecordError and nothing is created. The local addresses must
     exist here (connect() in repair mode needs them), and the peers should
     not reach this host yet (docs/migration.md). A connection that fails is closed
-    (in repair mode, silently) and reported; the others go on.
+    (in repair mode, silently) and reported; the others go on. A state whose
+    socket from an earlier restore is still open raises StepError, before
+    any socket is made.
     """
     for index, state in enumerate(states):
         try:
             check(state)
         except RecordError as e:
             raise RecordError(f"record {index} ({state.describe()}): {e}") from None
+    again = [index for index, state in enumerate(states) if _restored_into(state) is not None]
+    if again:
+        listed = _listed(again, lambda i: states[i].describe()).replace("connection", "record", 1)
+        raise StepError(f"restore(): {listed} already restored into a socket still open; nothing was made")
     result = Restored(list(states), [None] * len(states))
     made: list[int] = []
     for index, state in enumerate(states):
         try:
-            result.sockets[index] = steps.create(state)
+            sock = result.sockets[index] = steps.create(state)
             made.append(index)
         except steps.RestoreError as e:
             _fail(result, index, str(e), reset=False)
+        else:
+            # Not a field: equality, replace() and the wire ignore it; a weak reference keeps no socket alive.
+            _setattr(state, _RESTORED_INTO, weakref.ref(sock))
     reason = _switch(switcher, [_sock(result, i) for i in made], Command.ON)
     defaults: dict[socket.AddressFamily, steps.Defaults] = {}
     for index in made:
@@ -363,9 +414,16 @@ def resume(restored: Restored, switcher: Switcher) -> None:
 
     Call it once the target is reachable again. A connection that fails now
     is reset (RST to the peer) and closed, and added to `restored.failures`.
+    A second call raises StepError and changes nothing: the unsent bytes
+    were queued once already, and queuing them again would send them twice.
     """
+    if restored.resumed:
+        live = [i for i, s in enumerate(restored.sockets) if s is not None]
+        listed = _listed(live, lambda i: restored.states[i].describe()) if live else "no connection is"
+        raise StepError(f"resume(): {listed} already resumed; nothing was changed")
     live = [i for i, s in enumerate(restored.sockets) if s is not None]
     reason = _switch(switcher, [_sock(restored, i) for i in live], Command.OFF)
+    restored.resumed = True
     for index in live:
         sock = _sock(restored, index)
         if reason is not None and _in_repair(sock.fileno()):
@@ -375,6 +433,17 @@ def resume(restored: Restored, switcher: Switcher) -> None:
             steps.finish(sock, restored.states[index])
         except steps.RestoreError as e:
             _fail(restored, index, str(e), reset=True)
+
+
+_RESTORED_INTO = "_restored_into"
+_setattr = object.__setattr__
+
+
+def _restored_into(state: ConnectionState) -> socket.socket | None:
+    """The socket `restore` made for `state`, if it is still open."""
+    ref: weakref.ref[socket.socket] | None = state.__dict__.get(_RESTORED_INTO)
+    sock = ref() if ref is not None else None
+    return sock if sock is not None and sock.fileno() != -1 else None
 
 
 def _sock(restored: Restored, index: int) -> socket.socket:

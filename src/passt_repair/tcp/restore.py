@@ -1,6 +1,6 @@
 """Make a new socket that continues a connection, from its state record.
 
-The steps (SPEC §6); repair mode is switched by the caller between them:
+The steps (docs/migration.md); repair mode is switched by the caller between them:
 
   1. socket(), SO_REUSEADDR.                                   `create`
      -- the caller switches repair mode on --
@@ -53,6 +53,7 @@ _OPTION = struct.Struct("II")
 _TCP_MIN_MSS = 88
 _TCP_MSS_DEFAULT = 536
 _MAX_USER_MSS = 32767  # MAX_TCP_WINDOW: TCP_MAXSEG refuses more
+_TCPOLEN_TSTAMP_ALIGNED = 12
 
 
 class RestoreError(Exception):
@@ -86,6 +87,7 @@ class Defaults:
                 rcvbuf=None,
                 tos=max(tos, 0),
                 mark=get(socket.SOL_SOCKET, k.SO_MARK) & 0xFFFFFFFF,
+                notsent_lowat=get(k.SOL_TCP, k.TCP_NOTSENT_LOWAT) & 0xFFFFFFFF,
             )
 
 
@@ -184,6 +186,8 @@ def _set_options(sock: socket.socket, state: ConnectionState, defaults: Defaults
             calls.append(("IP_TOS", socket.IPPROTO_IP, k.IP_TOS, o.tos))
     if o.mark != d.mark:
         calls.append(("SO_MARK", socket.SOL_SOCKET, k.SO_MARK, _U32.pack(o.mark)))
+    if o.notsent_lowat != d.notsent_lowat:
+        calls.append(("TCP_NOTSENT_LOWAT", k.SOL_TCP, k.TCP_NOTSENT_LOWAT, _U32.pack(o.notsent_lowat)))
     if o.sndbuf is not None or o.rcvbuf is not None or grown:
         calls += _buffer_calls(o)
     for name, level, option, value in calls:
@@ -216,7 +220,9 @@ def _segment_size(state: ConnectionState) -> int:
     max_window = state.window.max_window
     cutoff = max_window >> 1 if max_window > _TCP_MSS_DEFAULT else max_window
     if cutoff:
-        size = min(size, cutoff)
+        # The kernel takes the options off the clamp but bounds the result to half the window: a clamp
+        # of `cutoff` alone would make segments 12 bytes short, and more of them than fit the source's buffer.
+        size = min(size, cutoff + (_TCPOLEN_TSTAMP_ALIGNED if state.timestamp is not None else 0))
     return size if size >= _TCP_MIN_MSS else 0
 
 

@@ -92,7 +92,8 @@ class SocketOptions:
 
     `sndbuf`/`rcvbuf` are None unless the application set them (SO_BUF_LOCK);
     otherwise the kernel sizes the buffers itself on both sides. `tos` is
-    IP_TOS for IPv4 and IPV6_TCLASS for IPv6.
+    IP_TOS for IPv4 and IPV6_TCLASS for IPv6. `notsent_lowat` is
+    TCP_NOTSENT_LOWAT as an unsigned 32-bit value (0: the sysctl's).
     """
 
     nodelay: bool = False
@@ -106,6 +107,7 @@ class SocketOptions:
     rcvbuf: int | None = None
     tos: int = 0
     mark: int = 0
+    notsent_lowat: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,9 @@ class ConnectionState:
         transmitted. `rcv_seq` is the sequence number of the first byte of
         `received` (the oldest unread byte). `mss` is the MSS clamp (the peer's
     announced MSS, or TCP_MAXSEG if set lower). Window scales are 0 when
-    `window_scaling` is off. `timestamp` is the current RFC 7323
-        timestamp value, None when the connection does not use timestamps.
+    `window_scaling` is off. `timestamp` is the RFC 7323 timestamp value
+        to go on from, never below a TSval the peer has seen (the dump adds
+        the pacing lead), None when the connection does not use timestamps.
         The queues are bytes, or read-only views into a decoded stream
     (`decode(data, copy=False)`), which then stays alive with them.
     `rcv_shutdown`: reading has ended (the peer's FIN arrived, or the
@@ -335,3 +338,5 @@ def _check_options(o: SocketOptions) -> None:
         raise RecordError(f"TOS/traffic class {o.tos} is out of range (0-255)")
     if not 0 <= o.mark <= _U32:
         raise RecordError(f"SO_MARK {o.mark} is not a 32-bit value")
+    if not 0 <= o.notsent_lowat <= _U32:
+        raise RecordError(f"TCP_NOTSENT_LOWAT {o.notsent_lowat} is not a 32-bit value")

@@ -1,26 +1,41 @@
 """The binary encoding of a list of connection states, strict on input.
 
     stream  := header record*
-    header  := magic "PRTC" | version u16 (1) | reserved u16 (0) | count u32
-    record  := length u32 | fixed part | congestion name | sent | unsent | received
+    header  := magic "PRTC" | version u16 (2) | reserved u16 (0) | count u32
+    record  := length u32 | fixed part | congestion name | sent | unsent | received | crc u32
 
 All integers are big-endian. `length` counts the bytes of the record after
-itself. The fixed part holds the address family (4 or 6), the TCP state, a
-flags word saying which optional parts are present, both endpoints, the
-sequence numbers, MSS, window scales, timestamp, repair window, socket
-options, and the lengths of the name and the three queues that follow.
+itself, the CRC included. The fixed part holds the address family (4 or 6),
+the TCP state, a flags word saying which optional parts are present, both
+endpoints, the sequence numbers, MSS, window scales, timestamp, repair
+window, socket options, and the lengths of the name and the three queues
+that follow. `crc` is the CRC-32 (zlib.crc32) of the record before it, its
+length word included.
 
-`decode` accepts only what `encode` could have produced: a wrong magic or
-version, a record cut short, a length that disagrees with its parts,
-trailing bytes, unknown flags, or any value `state.check` refuses, raise
-RecordError naming the record and the fault. Nothing is returned then, so
-no socket is ever made from part of a bad stream.
+`decode` verifies each record's CRC before it reads any value from it, so
+a bit flipped on the way is refused, never turned into a different
+connection: CRC-32 detects every single-bit error and every burst of up to
+32 bits, and misses other random damage with a probability of 2^-32. It is
+a check against accidents, not an authenticator: whoever can change the
+bytes can recompute it (move the stream over an authenticated channel if
+the transport is not trusted). `decode` also accepts only what `encode`
+could have produced: a wrong magic or version, a record cut short, a
+length that disagrees with its parts, trailing bytes, unknown flags, or any
+value `state.check` refuses, raise RecordError naming the record and the
+fault. Nothing is returned then, so no socket is ever made from part of a
+bad stream.
+
+Version 1 (no CRC, no TCP_NOTSENT_LOWAT) is refused with its own message:
+a stream lives only for one move, made and read by the same release on
+both ends, and reading unchecked bytes into live connections is what the
+check exists to prevent.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+import zlib
 from collections.abc import Sequence
 
 from .state import ConnectionState, RecordError, RepairWindow, SocketOptions, TcpState, assemble, check, check_new
@@ -28,10 +43,13 @@ from .state import ConnectionState, RecordError, RepairWindow, SocketOptions, Tc
 __all__ = ["MAGIC", "VERSION", "decode", "encode"]
 
 MAGIC = b"PRTC"
-VERSION = 1
+VERSION = 2
 
 _HEADER = struct.Struct("!4sHHI")
 HEADER_SIZE = _HEADER.size
+_CRC = struct.Struct("!I")
+#: Bytes after a record's queues: its CRC-32.
+TRAILER_SIZE = _CRC.size
 
 F_SACK = 1 << 0
 F_TIMESTAMPS = 1 << 1
@@ -45,8 +63,8 @@ _KNOWN_FLAGS = F_SACK | F_TIMESTAMPS | F_RCV_SHUTDOWN | F_NODELAY | F_KEEPALIVE 
 
 # length, family, state, flags, local addr+port, remote addr+port, snd_seq, rcv_seq, mss,
 # snd/rcv wscale, timestamp, window (5), keepidle, keepintvl, keepcnt, user_timeout, tos, mark,
-# sndbuf, rcvbuf, name length, sent/unsent/received lengths
-_FIXED = "IBBH{0}sH{0}sHIIHBBI5IHHBIBIIIBIII"
+# sndbuf, rcvbuf, notsent_lowat, name length, sent/unsent/received lengths
+_FIXED = "IBBH{0}sH{0}sHIIHBBI5IHHBIBIIIIBIII"
 _FIXED_BY_FAMILY = {4: struct.Struct("!" + _FIXED.format(4)), 6: struct.Struct("!" + _FIXED.format(16))}
 _FAMILY_AT = 4  # offset of the family byte in a record
 _STATES = {s.value: s for s in TcpState}
@@ -69,10 +87,17 @@ def _flags(s: ConnectionState) -> int:
 def encode(states: Sequence[ConnectionState]) -> bytes:
     """The stream for `states`; RecordError if one of them is not a valid connection."""
     parts: list[bytes | memoryview] = [header(len(states))]
+    crc32 = zlib.crc32
     for index, s in enumerate(states):
-        parts.append(record_head(s, index))
-        parts += (s.sent, s.unsent, s.received)
+        head = record_head(s, index)
+        crc = crc32(s.received, crc32(s.unsent, crc32(s.sent, crc32(head))))
+        parts += (head, s.sent, s.unsent, s.received, _CRC.pack(crc))
     return b"".join(parts)
+
+
+def seal(stream: memoryview, start: int, end: int) -> None:
+    """Write the CRC of the record laid out in `stream[start:end]` into the 4 bytes after it."""
+    _CRC.pack_into(stream, end, zlib.crc32(stream[start:end]))
 
 
 def header(count: int) -> bytes:
@@ -99,7 +124,7 @@ def record_head(s: ConnectionState, index: int = 0) -> bytes:
     fixed = _FIXED_BY_FAMILY[version]
     name = s.options.congestion.encode("ascii")
     w, o = s.window, s.options
-    length = fixed.size - 4 + len(name) + len(s.sent) + len(s.unsent) + len(s.received)
+    length = fixed.size - 4 + len(name) + len(s.sent) + len(s.unsent) + len(s.received) + TRAILER_SIZE
     # fmt: off
     return fixed.pack(
         length, version, s.state, _flags(s),
@@ -108,7 +133,7 @@ def record_head(s: ConnectionState, index: int = 0) -> bytes:
         s.snd_seq, s.rcv_seq, s.mss, s.snd_wscale, s.rcv_wscale, s.timestamp or 0,
         w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup,
         o.keepidle, o.keepintvl, o.keepcnt, o.user_timeout, o.tos, o.mark,
-        o.sndbuf or 0, o.rcvbuf or 0,
+        o.sndbuf or 0, o.rcvbuf or 0, o.notsent_lowat,
         len(name), len(s.sent), len(s.unsent), len(s.received),
     ) + name
     # fmt: on
@@ -127,6 +152,11 @@ def decode(data: bytes | bytearray | memoryview, *, copy: bool = True) -> list[C
     magic, version, reserved, count = _HEADER.unpack_from(view)
     if magic != MAGIC:
         raise RecordError(f"not a connection state stream (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    if version == 1:
+        raise RecordError(
+            f"version 1 stream (no integrity check) is not read: this reads version {VERSION}; "
+            "checkpoint again with the same release on both ends"
+        )
     if version != VERSION:
         raise RecordError(f"unsupported version {version} (this reads version {VERSION})")
     if reserved:
@@ -150,6 +180,17 @@ def _decode_record(view: memoryview, offset: int, copy: bool) -> tuple[Connectio
     left = len(view) - offset
     if left < _FAMILY_AT + 1:
         raise RecordError(f"truncated: {left} bytes left, a record needs more")
+    (length,) = _CRC.unpack_from(view, offset)
+    if length + 4 > left:
+        raise RecordError(f"truncated: the record says {length + 4} bytes, {left} are left")
+    if length < _FAMILY_AT + TRAILER_SIZE:
+        raise RecordError(f"inconsistent: the record says {length} bytes, too few for any record")
+    # Before any value is read: a flipped bit must not decide what the record says it is.
+    crc_at = offset + length
+    (crc,) = _CRC.unpack_from(view, crc_at)
+    actual = zlib.crc32(view[offset:crc_at])
+    if actual != crc:
+        raise RecordError(f"integrity check failed: the record's CRC-32 is {actual:#010x}, it carries {crc:#010x}")
     version = view[offset + _FAMILY_AT]
     fixed = _FIXED_BY_FAMILY.get(version)
     if fixed is None:
@@ -160,12 +201,10 @@ def _decode_record(view: memoryview, offset: int, copy: bool) -> tuple[Connectio
         length, _, state, flags, laddr, lport, raddr, rport,
         snd_seq, rcv_seq, mss, snd_wscale, rcv_wscale, timestamp,
         snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup,
-        keepidle, keepintvl, keepcnt, user_timeout, tos, mark, sndbuf, rcvbuf,
+        keepidle, keepintvl, keepcnt, user_timeout, tos, mark, sndbuf, rcvbuf, notsent_lowat,
         name_len, sent_len, unsent_len, received_len,
     ) = fixed.unpack_from(view, offset)  # fmt: skip
-    if length + 4 > left:
-        raise RecordError(f"truncated: the record says {length + 4} bytes, {left} are left")
-    parts = fixed.size - 4 + name_len + sent_len + unsent_len + received_len
+    parts = fixed.size - 4 + name_len + sent_len + unsent_len + received_len + TRAILER_SIZE
     if length != parts:
         raise RecordError(f"inconsistent: the record says {length} bytes, its parts add up to {parts}")
     if flags & ~_KNOWN_FLAGS:
@@ -205,6 +244,7 @@ def _decode_record(view: memoryview, offset: int, copy: bool) -> tuple[Connectio
             "rcvbuf": rcvbuf if flags & F_RCVBUF else None,
             "tos": tos,
             "mark": mark,
+            "notsent_lowat": notsent_lowat,
         },
     )
     window = assemble(
@@ -234,4 +274,4 @@ def _decode_record(view: memoryview, offset: int, copy: bool) -> tuple[Connectio
         },
     )
     check_new(result)
-    return result, pos
+    return result, pos + TRAILER_SIZE
