@@ -226,6 +226,7 @@ def raw_server_with_helper(
     try:
         server.accept()
         helper.pid = server.peer_pid
+        wait_serving(helper.pid)
         yield server, helper
     finally:
         server.close()
@@ -271,6 +272,19 @@ class FakeHelper:
 
 # x86_64 system call numbers, as /proc/PID/syscall shows them
 CONNECT, RECVMSG = "42", "47"
+
+
+def wait_serving(pid: int, timeout: float = 10.0) -> None:
+    """Wait until the helper, connected, has confined itself and waits for a request (or has exited).
+
+    It confines itself after the server's accept(), so a test that reads its
+    state (descriptors, capabilities) right after accept() would see it halfway.
+    """
+    deadline = time.monotonic() + timeout
+    while (now := syscall(pid)) not in (RECVMSG, "gone", "-1"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"helper {pid} never waited for a request (in system call {now})")
+        time.sleep(0.001)
 
 
 def syscall(pid: int) -> str:

@@ -37,7 +37,7 @@ from passt_repair import (
 from support import CONNECT, RECVMSG, FakeHelper, Helper, TcpPairs, error_lines, have, states, syscall
 
 ON, OFF, OFF_NO_WP = Command.ON, Command.OFF, Command.OFF_NO_WP
-DEBUG_LINE = re.compile(r"passt-repair: (ON|OFF|OFF_NO_WP) \(-?\d\) on (\d+) sockets in \d+ us")
+DEBUG_LINE = re.compile(r"passt-repair: (ON|OFF|OFF_NO_WP) \(-?\d\) on (\d+) sockets? in \d+ us")
 
 
 def run(coroutine: Coroutine[object, object, None]) -> None:
@@ -169,14 +169,14 @@ def test_repair_undoes_a_half_done_switch(path: Path, pairs: TcpPairs, helpers: 
     (253 sockets, switched on) is switched off again through a new helper."""
     socks = pairs.make(253)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    first = start(helpers, str(path))
 
     async def second_helper_after_the_first_exits() -> None:
-        await asyncio.to_thread(first.wait)
+        await asyncio.to_thread(helpers[0].wait)
         start(helpers, str(path))
 
     async def body() -> None:
         async with AsyncRepairServer(path, attach_timeout=10) as server:
+            start(helpers, str(path))  # once the socket exists: the helper does not wait for one
             await server.accept(timeout=10)
             replacement = asyncio.create_task(second_helper_after_the_first_exits())
             with pytest.raises(HelperGoneError) as caught:
@@ -191,6 +191,7 @@ def test_repair_undoes_a_half_done_switch(path: Path, pairs: TcpPairs, helpers: 
         run(body())
     finally:
         udp.close()
+    first = helpers[0]
     assert first.wait() == 1
     assert "EOPNOTSUPP" in first.stderr
     assert helpers[1].wait() == 0

@@ -24,7 +24,7 @@ MAN = ROOT / "docs" / "passt-repair.1"
 GUIDE = ROOT / "docs" / "guide.md"
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 #: A --debug line, as the helper prints it and as the man page shows it.
-DEBUG_LINE = re.compile(r"passt-repair: (ON \(1\)|OFF \(0\)|OFF_NO_WP \(-1\)) on (\d+) sockets in \d+ us")
+DEBUG_LINE = re.compile(r"passt-repair: (ON \(1\)|OFF \(0\)|OFF_NO_WP \(-1\)) on (\d+) sockets? in \d+ us")
 #: Options the man page documents ahead of the hardening work that adds them to the helper.
 HARDENING_OPTIONS = {"--peer-uid", "--allow-unconfined"}
 
@@ -92,6 +92,38 @@ def test_every_help_option_is_in_the_man_page() -> None:
 
 def test_every_man_page_option_is_in_help() -> None:
     assert man_options() - help_options() == set()
+
+
+def test_synopsis_is_the_usage_line_everywhere() -> None:
+    """--help's usage line, the README's synopsis and the man page's SYNOPSIS name the same options."""
+    usage = subprocess.run([str(HELPER), "--help"], capture_output=True, text=True, timeout=20).stdout.splitlines()[0]
+    assert usage.startswith("usage: passt-repair ")
+    readme = (ROOT / "README.md").read_text()
+    assert f"\n    {usage.removeprefix('usage: ')}\n" in readme
+    synopsis = roff_to_text(man_section("SYNOPSIS").split(".br", 1)[0])
+    in_usage = set(re.findall(r"--[a-z][a-z-]*|(?<![\w-])--(?![\w-])", usage))
+    in_synopsis = set(re.findall(r"--[a-z][a-z-]*|(?<![\w-])--(?![\w-])", synopsis))
+    assert in_usage == in_synopsis
+    assert "--" in in_usage
+
+
+def test_security_doc_refers_to_the_shipped_unit() -> None:
+    """One systemd unit: the shipped one. SECURITY.md shows no unit of its own and says why
+    PrivateNetwork=yes, which the unit sets, is right."""
+    security = (ROOT / "docs" / "SECURITY.md").read_text()
+    unit = (ROOT / "contrib" / "systemd" / "passt-repair@.service").read_text()
+    assert "[Service]" not in security
+    assert "contrib/systemd/passt-repair@.service" in security
+    assert "PrivateNetwork=yes" in unit
+    assert "`PrivateNetwork=yes` is right" in security
+    assert "must stay off" not in security
+
+
+def test_no_bare_python_m_in_the_docs() -> None:
+    """`python -m passt_repair` without -I is nobody's documented way to start the helper."""
+    for doc in [ROOT / "README.md", MAN, *sorted((ROOT / "docs").glob("*.md"))]:
+        text = roff_to_text(doc.read_text())
+        assert not re.search(r"python3? -m passt_repair", text), doc.name
 
 
 def test_option_lists_are_read() -> None:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from passt_repair import hardening
 from passt_repair import helper as helper_module
-from passt_repair.protocol import SOL_TCP, TCP_REPAIR, Command
+from passt_repair.protocol import SCM_MAX_FD, SOL_TCP, TCP_REPAIR, Command
 from support import (
     HELPER,
     Helper,
@@ -171,7 +172,7 @@ def test_bad_descriptor_changes_nothing(
         helper, socks, before = _run_rejected(tmp_path, pairs, command.byte, [fd], position)
     assert states(socks) == before
     _assert_refused(helper, fragment)
-    assert f"descriptor {position + 1}:" in helper.stderr
+    assert f"descriptor {position + 1} of 253:" in helper.stderr
 
 
 class _OddDescriptor:
@@ -499,3 +500,50 @@ def test_contiguous_descriptors_close_in_one_call(tmp_path: Path, pairs: TcpPair
     between = "".join({"recvmsg": "r", "close": "c", "close_range": "R", "sendto": "s"}[c] for c in calls)
     served = between[between.index("r") :]
     assert served.startswith("rRs" * 4 + "r"), calls  # receive, one close_range, reply; four times
+
+
+def test_helper_commands_are_the_protocols() -> None:
+    """The helper keeps its own table of commands (protocol's enum costs 2 ms at start-up): the same."""
+    assert {c.byte[0]: int(c) for c in Command} == helper_module._VALUES
+    assert {int(c): c.byte for c in Command} == helper_module._REPLIES
+    assert {int(c): f"{c.name} ({int(c)})" for c in Command} == helper_module._NAMES
+    assert (helper_module.SCM_MAX_FD, helper_module.SOL_TCP, helper_module.TCP_REPAIR) == (
+        SCM_MAX_FD,
+        SOL_TCP,
+        TCP_REPAIR,
+    )
+    assert set(helper_module.FILTER_ARCHES) == set(hardening.ARCHES)
+
+
+#: Modules whose import would cost the helper start-up time before it connects (each 0.3 to 3 ms).
+SLOW_IMPORTS = {"os", "signal", "enum", "typing", "re", "argparse", "array", "struct", "ctypes", "collections", "site"}
+
+
+def test_nothing_slow_is_imported_before_connecting(tmp_path: Path) -> None:
+    """What the command has imported when it connects: modules written in C, and the helper's own.
+
+    Read by a server that, once the helper connected, looks at the modules of the interpreter the
+    launcher started, through a child run exactly as the launcher runs it (-I -S -B) up to connect().
+    """
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    probe = (
+        f"import sys; sys.path.append({site!r}); from passt_repair import cli, helper; "
+        "helper.connect(sys.argv[1], helper.stderr_log); print(' '.join(sorted(sys.modules)))"
+    )
+    server = RawServer(tmp_path / "s.repair")
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-B", "-c", probe, str(server.path)], stdout=subprocess.PIPE
+        )
+        server.accept()
+        out, _ = child.communicate(timeout=20)
+    finally:
+        server.close()
+    loaded = set(out.decode().split())
+    assert "passt_repair.helper" in loaded
+    assert loaded & SLOW_IMPORTS == set()
+    assert {m for m in loaded if m.startswith("passt_repair")} == {
+        "passt_repair",
+        "passt_repair.cli",
+        "passt_repair.helper",
+    }

@@ -417,7 +417,8 @@ def judge(data: bytes, kinds: Sequence[Kind], truncated: bool) -> Verdict:
     """The helper's documented decision on one message it received."""
     n = len(kinds)
     size = "1 byte" if len(data) == 1 else "more than 1 byte" if data else "0 bytes"
-    message = f"message of {size} with {n} descriptors: "
+    counted = f"{n} descriptor" if n == 1 else f"{n} descriptors"
+    message = f"message of {size} with {counted}: "
     if truncated:
         return Verdict(None, "refused: truncated", ((message + "control message truncated", "nothing changed"),))
     if len(data) != 1:
@@ -435,7 +436,7 @@ def judge(data: bytes, kinds: Sequence[Kind], truncated: bool) -> Verdict:
             "refused: unsupported command",
             ((message + f"unsupported command byte {signed} ", "nothing changed"),),
         )
-    prefix = f"command {COMMANDS[signed]} on {n} descriptors: descriptor "
+    prefix = f"command {COMMANDS[signed]} on {counted}: descriptor "
     reasons = []
     not_socket = next((i for i, k in enumerate(kinds) if not k.socket), None)
     unreadable = next((i for i, k in enumerate(kinds) if k.get_error), None)
@@ -443,11 +444,11 @@ def judge(data: bytes, kinds: Sequence[Kind], truncated: bool) -> Verdict:
     # A descriptor number the helper has seen before already has its socket object, so a
     # non-socket there is caught by getsockopt() rather than when the object is made.
     if not_socket is not None:
-        reasons.append(f"{prefix}{not_socket + 1}: ENOTSOCK")
+        reasons.append(f"{prefix}{not_socket + 1} of {n}: ENOTSOCK")
     if unreadable is not None:
-        reasons.append(f"{prefix}{unreadable + 1}: getsockopt(TCP_REPAIR): {kinds[unreadable].get_error} ")
+        reasons.append(f"{prefix}{unreadable + 1} of {n}: getsockopt(TCP_REPAIR): {kinds[unreadable].get_error} ")
     elif refusing is not None:
-        reasons.append(f"{prefix}{refusing + 1}: setsockopt(TCP_REPAIR): {kinds[refusing].set_error} ")
+        reasons.append(f"{prefix}{refusing + 1} of {n}: setsockopt(TCP_REPAIR): {kinds[refusing].set_error} ")
     if reasons:
         label = "refused: a descriptor it cannot switch" + (" (after switching)" if unreadable is None else "")
         return Verdict(None, label, tuple((r, "; nothing changed") for r in reasons))
@@ -727,6 +728,7 @@ class Rig:
         self.outcomes[expected.outcome] += 1
 
 
+@pytest.mark.slow
 def test_hostile_server(tmp_path: Path) -> None:
     pool = Pool(tmp_path)
     rig = Rig(tmp_path, pool)

@@ -34,7 +34,7 @@ def debug_counts(helper: Helper) -> list[tuple[str, int]]:
     """(command, count) of every request, from the helper's --debug log."""
     out = []
     for line in helper.stderr.splitlines():
-        if " sockets in " in line:
+        if " sockets in " in line or " socket in " in line:
             words = line.split()
             out.append((words[1], int(words[4])))
     return out

@@ -194,7 +194,7 @@ def test_a_timeout_is_a_timeout_error_and_names_the_helper_still_at_work() -> No
         front.run(session(reply_timeout=2.5).switch([3], ON))
     assert isinstance(raised.value, RepairTimeoutError)
     assert str(raised.value) == (
-        "no reply from the helper within 2.5 s; 1 sockets of command ON may or may not be switched "
+        "no reply from the helper within 2.5 s; 1 socket of command ON may or may not be switched "
         "(see repair_state) (helper pid 4242 may still be switching them until it exits)"
     )
 
@@ -209,6 +209,26 @@ def test_no_helper_is_raised_as_the_front_found_it() -> None:
         front.run(s.switch([3], ON))
     assert raised.value is missing
     assert front.steps == ["idle", "attach"]
+
+
+def test_no_helper_between_two_batches_carries_what_was_confirmed() -> None:
+    """The helper exits after the first batch and none comes back: the error counts the first batch."""
+    missing = NoHelperError("no passt-repair helper connected to /x within 0.01 s")
+    front = Front(*good(ON), b"", None, missing)  # idle: end of file; detach; attach fails
+    with pytest.raises(NoHelperError) as raised:
+        front.run(session().switch(range(300), ON))
+    assert raised.value is missing
+    assert (raised.value.confirmed, raised.value.uncertain) == (253, ())
+    assert front.steps[-3:] == ["idle", "detach", "attach"]
+
+
+def test_repair_on_undoes_the_first_batch_when_the_helper_is_gone_before_the_second() -> None:
+    missing = NoHelperError("no passt-repair helper connected to /x within 0.01 s")
+    front = Front(*good(ON), b"", None, missing, None, None, 1, OFF.byte)  # a new helper comes for the undo
+    with pytest.raises(NoHelperError) as raised:
+        front.run(session().repair_on(list(range(300)), OFF))
+    assert front.sent[-1] == (OFF, tuple(range(253)))
+    assert raised.value.confirmed == 253
 
 
 def test_an_error_from_looking_at_the_idle_connection_is_raised_as_it_is() -> None:

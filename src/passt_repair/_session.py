@@ -164,15 +164,31 @@ def _failure(
     """The error to raise; `batch` is the request in flight, or None if none left (nothing changed)."""
     if batch is None:
         return kind(f"{message}; nothing was sent, no socket changed", (), confirmed, helper=helper)
-    doubt = f"{len(batch.fds)} sockets of command {batch.command.name} may or may not be switched (see repair_state)"
+    n = len(batch.fds)
+    sockets = f"{n} socket{'s' if n != 1 else ''}"
+    doubt = f"{sockets} of command {batch.command.name} may or may not be switched (see repair_state)"
     if kind is RepairTimeoutError and helper is not None:
         doubt += f" (helper pid {helper.pid} may still be switching them until it exits)"
     return kind(f"{message}; {doubt}", batch.fds, confirmed, helper=helper)
 
 
+def _counted(e: Exception, confirmed: int) -> Exception:
+    """`e`, raised before a batch left, carrying the sockets of the switch confirmed before it.
+
+    A helper that exits between two batches of one switch is found at the
+    next batch's IDLE step, and no other may come in time: without the count,
+    repair() would not switch the confirmed batches off again.
+    """
+    if isinstance(e, RepairError) and not e.confirmed:
+        e.confirmed = confirmed
+    return e
+
+
 def _left_on(e: RepairError) -> RepairError:
     """`e`, for a switch on whose confirmed batches could not be switched off again."""
-    still = f"; {e.confirmed} sockets switched on before it are still in repair mode (no helper left)"
+    n = e.confirmed
+    sockets, are = (f"{n} sockets", "are") if n != 1 else ("1 socket", "is")
+    still = f"; {sockets} switched on before it {are} still in repair mode (no helper left)"
     return type(e)(f"{e}{still}", e.uncertain, e.confirmed, helper=e.helper)
 
 
@@ -236,7 +252,7 @@ class Session:
         stray = yield IDLE
         if stray is not None:
             if isinstance(stray, Exception):
-                raise stray  # the front could not look: nothing is known of the connection
+                raise _counted(stray, confirmed)  # the front could not look: nothing is known of the connection
             if stray:
                 reason = f"the helper sent {stray!r} without a request"
                 yield from self._fail(WrongReplyError, reason, None, confirmed, self.helper)
@@ -245,7 +261,7 @@ class Session:
             yield DETACH
         attached = yield ATTACH
         if isinstance(attached, Exception):
-            raise attached  # the NoHelperError of the accept, or what else it raised
+            raise _counted(attached, confirmed)  # the NoHelperError of the accept, or what else it raised
         helper = self.helper  # a detach() while a wait goes on forgets it
         sent = yield Send(batch)
         if sent != 1:

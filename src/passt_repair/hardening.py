@@ -3,16 +3,19 @@
 Whoever controls the socket the helper connects to can have TCP_REPAIR set on
 their own sockets, and so forge TCP connections from any address. The helper
 gives that power to the server it connects to and keeps nothing else an
-attacker who took it over could use (docs/SECURITY.md). `cli` calls, in order:
+attacker who took it over could use (docs/SECURITY.md). Before connecting,
+`helper.check_start()` refuses to run without CAP_NET_ADMIN or (unless
+allowed) without a filter for this machine, from /proc/self/status: this
+module and ctypes are imported only once connected, so that their 3 ms come
+after the server's accept(). Then, before anything is read from the server,
+`cli` calls in order:
 
-1. `lock_down()`, first thing: not dumpable, no new privileges.
-2. `require_net_admin()`: without CAP_NET_ADMIN, stop before any connection attempt.
-3. `seccomp_filter()`: assemble the filter for this architecture, or refuse to go on
-   without one (unless allowed), while the server can still fall back.
-4. `drop_for_connect()`: securebits locked, bounding set down to CAP_NET_ADMIN,
+1. `lock_down()`: not dumpable, no new privileges.
+2. `seccomp_filter()`: assemble the filter for this architecture.
+3. `drop_for_connect()`: securebits locked, bounding set down to CAP_NET_ADMIN,
    inheritable and ambient sets empty, effective and permitted sets down to
-   CAP_NET_ADMIN and, if held, CAP_DAC_OVERRIDE (to reach the socket).
-5. `confine()`, once connected and before the first message: CAP_NET_ADMIN alone, filter on.
+   CAP_NET_ADMIN and, if held, CAP_DAC_OVERRIDE.
+4. `confine()`: CAP_NET_ADMIN alone, filter on.
 
 All of it happens once; nothing here runs per message. Standard library only:
 ctypes reaches prctl(), capget()/capset() and seccomp().
@@ -42,7 +45,6 @@ __all__ = [
     "drop_for_connect",
     "lock_down",
     "native_arch",
-    "require_net_admin",
     "seccomp_filter",
 ]
 
@@ -313,12 +315,6 @@ _SECUREBITS = (
     | _SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
 )
 
-NO_NET_ADMIN = (
-    "CAP_NET_ADMIN is not in the effective capability set; run passt-repair as root, or give it"
-    " that capability: setpriv --inh-caps=+net_admin --ambient-caps=+net_admin passt-repair ...,"
-    " or AmbientCapabilities=CAP_NET_ADMIN in its systemd unit"
-)
-
 
 def _failed(what: str, err: int) -> str:
     name = errno.errorcode.get(err, f"errno {err}")
@@ -381,13 +377,6 @@ def lock_down() -> None:
     """Not dumpable (no core file, no ptrace or /proc/PID/mem by the same uid) and no new privileges."""
     _prctl("PR_SET_DUMPABLE", _PR_SET_DUMPABLE, 0)
     _prctl("PR_SET_NO_NEW_PRIVS", _PR_SET_NO_NEW_PRIVS, 1)
-
-
-def require_net_admin() -> None:
-    """Raise ConfinementError, saying how to grant it, unless CAP_NET_ADMIN is effective."""
-    effective, _, _ = _capget()
-    if not effective & _bit(CAP_NET_ADMIN):
-        raise ConfinementError(NO_NET_ADMIN)
 
 
 def drop_for_connect() -> None:
