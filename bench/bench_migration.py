@@ -1,45 +1,54 @@
-"""Benchmark: migrate N connections through the helper and split the cost.
+"""Benchmark: move N live connections with passt_repair.tcp and with a C checkpointer, side by side.
 
-For each N (100, 1,000 and 10,000 by default) the benchmark makes two
-network namespaces joined by a veth pair: a peer process in one holds N
-connections to this process in the other. Each connection has 16 KiB the
-peer sent that this side has not read, and 64 KiB this side sent that the
-peer never acknowledged (the peers' link goes down once the bytes are
-out, so nothing answers). Then, timed:
+For each N (100, 1,000 and 10,000 by default) and each mover, the
+benchmark makes two network namespaces joined by a veth pair: a peer
+process in one holds N connections to this process in the other. Each
+connection has 16 KiB the peer sent that this side has not read, and 64 KiB
+this side sent that the peer never acknowledged (the peers' link goes down
+once the bytes are out, so nothing answers). The connections are handed to
+the mover, a process of its own that inherits them (this process closes its
+copies first), and the mover, timed:
 
-    dump         repair mode on through the helper, every socket read out,
-                 straight into the encoded stream (Checkpoint.data)
-    encode       taking that stream (encode(states) would copy it again)
-    close        the frozen sockets (in repair mode: nothing is sent)
-    decode       the stream to states (views, no copy)
-    restore      new sockets, repair mode on through the helper, filled;
-                 repair mode off through the helper, unsent tails, FINs
+    dump     repair mode on (DirectSwitcher: the mover holds CAP_NET_ADMIN),
+             every socket read out into one buffer
+    close    the frozen sockets (in repair mode: nothing is sent)
+    restore  new sockets, repair mode on, filled; repair mode off, and what
+             comes after it (for passt_repair.tcp: decode, restore, resume)
 
-Time spent waiting for the helper (its round trips, batches of 253) is
-counted apart from the work on this side. Connections move in rounds of
-1,000 through one reused buffer, and each round's source sockets are
-closed before its target sockets are made: both sets at once would not fit
-the 20,000 descriptors a process may hold at 10,000 connections. The peers
-live in their own process for that reason. A veth MTU of 64 KiB keeps the
-kernel's per-segment overhead, and so its TCP memory (net.ipv4.tcp_mem),
-low: 10,000 connections hold about 1 GB of queued bytes.
+The movers are `python -m bench.bench_migration --mover` (passt_repair.tcp's
+checkpoint, decode, restore, resume) and bench/ref_checkpoint.c, compiled at
+bench time: the system calls CRIU's libsoccr makes per connection and
+nothing else (its header lists them). Both move the connections in rounds
+of 1,000 through one buffer: a round's sources are closed before its
+targets are made, as 10,000 connections and their targets would not fit the
+20,000 descriptors a process may hold. After the timed part each checks
+every new socket (ESTABLISHED, both queues' lengths) and reports its peak
+RSS beside the bytes it held.
 
-Not timed, and printed apart:
-- Making the buffer. It is made before the timed part with every page
-  faulted in (`stream_buffer`), as the buffer a server that moves
-  connections keeps ready (about 30 ms for the 80 MB of a round of 1,000).
-  Every byte the dump copies into it is timed.
+Not timed, on both sides alike:
+- The buffer: made before the timed part with every page faulted in, as the
+  buffer a program that moves connections keeps ready (`stream_buffer`).
 - Warming the VM's memory. This VM hands memory the guest frees back to
   the host (virtio-balloon free page reporting), and the first touch of
   such memory costs a fault in the host: the kernel's buffers for the
-  restored queues come from it. Touching 200 KiB per connection once and
-  freeing it (`--cold` skips this) makes 10,000 connections cost what
-  1,000 do; without it their restore took up to twice as long per
-  connection here.
-  The kernel still allocates and fills every buffer inside the timing.
+  restored queues come from it. Each mover touches 200 KiB per connection
+  once and frees it, after making its buffer and just before the timed part
+  (`--cold` skips this): 10,000 connections then cost what 1,000 do. The
+  kernel still allocates and fills every buffer inside the timing.
+- Python's cyclic garbage collector is off in the timed part (a program
+  moving connections can choose that; the library makes no cycles).
 
-Run as root: `python bench/bench_migration.py [--cold] [N ...]`.
-`measure(counts)` returns the figures as a dict for bench/run.py.
+A veth MTU of 64 KiB keeps the kernel's per-segment overhead, and so its
+TCP memory (net.ipv4.tcp_mem), low: 10,000 connections hold about 1 GB.
+
+Each mover moves each N three times (`--repeat`), the movers taking turns
+in an order that rotates; the figures are medians, and the ratios are of
+medians measured in the same run.
+
+Run as root: `python bench/bench_migration.py [--cold] [--repeat K] [--baseline REV] [--json PATH] [N ...]`;
+`--baseline REV` also times passt_repair.tcp as it was at git revision REV
+(its src/ extracted under /tmp), in the same run. `measure(counts)` returns
+the figures as a dict for bench/run.py.
 """
 
 from __future__ import annotations
@@ -48,34 +57,40 @@ import contextlib
 import ctypes
 import fcntl
 import gc
+import json
 import mmap
 import os
 import socket
+import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-
-from passt_repair.protocol import Command
-from passt_repair.server import RepairServer, SocketLike
-from passt_repair.tcp import checkpoint, decode, restore, resume, stream_buffer
 
 SENT = 64 << 10
 RECEIVED = 16 << 10
 PORT = 7000
 SOURCE_ADDR, PEER_ADDR = "198.18.10.1", "198.18.10.2"
-GOAL_1000_MS = 100.0
 #: Connections moved per round through one reused buffer (80 MB at 80 KiB each).
 ROUND = 1000
-PARTS = ("round_trips", "dump", "encode", "close", "decode", "restore")
+#: Room per connection in the buffer: its queues and its record.
+PER_CONNECTION = SENT + RECEIVED + 256
+#: Issue 12's goals: end to end against the C reference at 1,000; per connection, 10,000 against 100.
+GOAL_TO_C = 1.5
 GOAL_RATIO = 1.3
 #: Memory touched and freed before the timed part, per connection (see the module's docstring).
 WARM_PER_CONNECTION = 200 << 10
 CLONE_NEWNET = 0x40000000
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+BUILD = BENCH / "build"
+PARTS = ("dump", "close", "restore")
+#: Each mover moves each count this many times, taking turns; the figures are medians.
+REPEAT = 3
 
 PEER = """
 import socket, struct, sys
@@ -127,33 +142,6 @@ def _namespaces() -> Iterator[tuple[str, str]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 
-class TimedSwitcher:
-    """A RepairServer whose switch() time is added up: the helper's round trips."""
-
-    def __init__(self, server: RepairServer) -> None:
-        self.server = server
-        self.seconds = 0.0
-        self.messages = 0
-
-    def switch(self, sockets: Iterable[SocketLike], command: Command) -> None:
-        items = list(sockets)
-        start = time.perf_counter()
-        try:
-            self.server.switch(items, command)
-        finally:
-            self.seconds += time.perf_counter() - start
-            self.messages += (len(items) + 252) // 253
-
-    def take(self) -> float:
-        spent, self.seconds = self.seconds, 0.0
-        return spent
-
-
-def _helper_command() -> list[str]:
-    script = Path(sys.executable).with_name("passt-repair")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "passt_repair"]
-
-
 def _connections(n: int, peer_ns: str) -> tuple[list[socket.socket], subprocess.Popen[bytes]]:
     """N connections with 16 KiB unread and 64 KiB unacknowledged on this side; and the peer process."""
     listener = socket.socket()
@@ -187,9 +175,14 @@ def _drop(s: socket.socket) -> None:
 
 
 def _warm(size: int) -> float:
-    """Fault `size` bytes of fresh memory in and free it again; return the seconds it took."""
+    """Fault `size` bytes of fresh memory in and free it again; return the seconds it took.
+
+    The peak RSS is then reset to the present RSS (clear_refs 5), so that it
+    tells the move's memory, not the warming's.
+    """
     start = time.perf_counter()
     mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE).close()
+    Path("/proc/self/clear_refs").write_text("5")
     return time.perf_counter() - start
 
 
@@ -211,126 +204,268 @@ def _wait(check: Any, what: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def measure_one(n: int, *, cold: bool = False) -> dict[str, Any]:
-    """Migrate n connections once; return the seconds spent in each part (`cold`: without warming memory)."""
-    with _namespaces() as (_, peer_ns), tempfile.TemporaryDirectory() as tmp:
+def build_reference() -> Path:
+    """Compile bench/ref_checkpoint.c with `cc -O2` into bench/build/."""
+    BUILD.mkdir(exist_ok=True)
+    out = BUILD / "ref_checkpoint"
+    cc = os.environ.get("CC", "cc")
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(BENCH / "ref_checkpoint.c")], check=True)
+    return out
+
+
+def baseline_source(rev: str) -> Path:
+    """passt_repair's src/ as it was at git revision `rev`, extracted under /tmp (a PYTHONPATH for it).
+
+    Not under bench/build/: mypy and ruff would check the old copy along with the project.
+    """
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True, capture_output=True, text=True
+    )
+    out = Path(tempfile.gettempdir()) / f"passt-repair-baseline-{sha.stdout.strip()}"
+    if not (out / "src" / "passt_repair").is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", rev, "src/passt_repair"], check=True, capture_output=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out / "src"
+
+
+def _mover_argv(mover: str, reference: Path) -> tuple[list[str], dict[str, str]]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))  # the library of this checkout, not an install
+    if mover == "c":
+        return [str(reference), str(ROUND), str(PER_CONNECTION)], env
+    if mover == "floor":
+        return [sys.executable, "-m", "bench.variants.migration_floor"], env
+    if mover.startswith("baseline:"):
+        env["PYTHONPATH"] = mover.split(":", 1)[1]
+    return [sys.executable, "-m", "bench.bench_migration", "--mover"], env
+
+
+def measure_one(n: int, mover: str, reference: Path, *, cold: bool = False) -> dict[str, Any]:
+    """Move n connections once with `mover` ("python", "c" or "baseline:PATH"); its figures."""
+    argv, env = _mover_argv(mover, reference)
+    with _namespaces() as (_, peer_ns):
         socks, peer = _connections(n, peer_ns)
-        path = Path(tmp) / "bench.repair"
-        helper = None
-        new: list[socket.socket] = []
         try:
-            with RepairServer(path, reply_timeout=30) as server:
-                helper = subprocess.Popen([*_helper_command(), str(path)], stderr=subprocess.PIPE)
-                server.accept(timeout=20)
-                switcher = TimedSwitcher(server)
-                parts = dict.fromkeys(PARTS, 0.0)
-                t0 = time.perf_counter()
-                # The buffer a migrating server keeps ready, reused by every round: not timed.
-                buffer = stream_buffer(min(n, ROUND) * (SENT + RECEIVED + 256) + 64)
-                prepared = time.perf_counter() - t0
-                warmed = 0.0 if cold else _warm(n * WARM_PER_CONNECTION)
-                gc.collect()
-                gc.disable()
-                start = time.perf_counter()
-                size = 0
-                for first in range(0, n, ROUND):
-                    part = socks[first : first + ROUND]
-                    t0 = time.perf_counter()
-                    frozen = checkpoint(part, switcher, buffer=buffer)
-                    t1 = time.perf_counter()
-                    data = frozen.data  # encoded while dumping; encode(frozen.states) makes the same bytes
-                    t2 = time.perf_counter()
-                    for s in part:
-                        s.close()
-                    t3 = time.perf_counter()
-                    states = decode(data, copy=False)
-                    t4 = time.perf_counter()
-                    trips = switcher.take()
-                    parts["dump"] += t1 - t0 - trips
-                    parts["encode"] += t2 - t1
-                    parts["close"] += t3 - t2
-                    parts["decode"] += t4 - t3
-                    parts["round_trips"] += trips
-                    restored = restore(states, switcher)
-                    resume(restored, switcher)
-                    trips = switcher.take()
-                    parts["restore"] += time.perf_counter() - t4 - trips
-                    parts["round_trips"] += trips
-                    size += len(data)
-                    if len(data) > len(buffer):
-                        raise RuntimeError("the stream did not fit the buffer made for it")
-                    new += [s for s in restored.sockets if s is not None]
-                    if frozen.failures or restored.failures:
-                        raise RuntimeError(f"failures: {(frozen.failures + restored.failures)[:3]}")
-                    if any(len(st.sent) != SENT or len(st.received) != RECEIVED for st in states):
-                        raise RuntimeError("a connection did not have the queues the benchmark asked for")
-                total = time.perf_counter() - start
-                gc.enable()
-                if len(new) != n:
-                    raise RuntimeError(f"{len(new)} of {n} connections moved")
+            fds = [s.fileno() for s in socks]
+            warm = 0 if cold else n * WARM_PER_CONNECTION
+            child = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=fds, cwd=ROOT, env=env
+            )
+            for s in socks:  # the mover holds the only descriptors now: its close is the last
+                s.close()
+            out, _ = child.communicate("\n".join(map(str, [warm, *fds])).encode(), timeout=600)
+            if child.returncode != 0:
+                raise RuntimeError(f"mover {mover} failed (exit {child.returncode})")
         finally:
-            gc.enable()
-            for s in socks + new:
+            for s in socks:
                 _drop(s)
-            if helper is not None:
-                helper.kill()
-                helper.communicate()
             assert peer.stdin is not None
             peer.stdin.close()
             peer.kill()
             peer.wait()
-    return {
-        "connections": n,
-        "bytes": size,
-        "round": min(n, ROUND),
-        "helper_messages": switcher.messages,
-        "total_s": total,
-        "buffer_bytes": len(buffer),
-        "buffer_prepared_s": prepared,
-        "memory_warmed_s": warmed,
-        "parts_s": parts,
-        "per_connection_us": total / n * 1e6,
+    figures: dict[str, Any] = json.loads(out)
+    if figures["checked"] != n:
+        raise RuntimeError(f"mover {mover}: {figures['checked']} of {n} connections checked out")
+    figures["per_connection_us"] = figures["total_s"] / n * 1e6
+    return figures
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mover's figures over repeats: each part's median, and every repeat's total."""
+    figures = dict(sorted(runs, key=lambda f: f["total_s"])[len(runs) // 2])
+    for key in (*(f"{p}_s" for p in PARTS), "total_s", "per_connection_us"):
+        figures[key] = statistics.median(f[key] for f in runs)
+    figures["maxrss_kib"] = max(f["maxrss_kib"] for f in runs)
+    figures["totals_s"] = [f["total_s"] for f in runs]
+    figures["best_s"] = {p: min(f[f"{p}_s"] for f in runs) for p in (*PARTS, "total")}
+    return figures
+
+
+def measure(
+    counts: Sequence[int], *, cold: bool = False, baseline: str | None = None, repeat: int = REPEAT
+) -> dict[str, Any]:
+    """Every mover at every count, `repeat` times taking turns; medians, the ratios to C, the goals."""
+    reference = build_reference()
+    movers = ["c", "python", "floor"]
+    labels = {
+        "c": "C reference (libsoccr's calls)",
+        "python": "passt_repair.tcp",
+        "floor": "Python floor: its calls alone (experiment)",
     }
-
-
-def measure(counts: list[int], *, cold: bool = False) -> dict[str, Any]:
-    """Figures for each count, the per-connection ratio of the largest to the smallest, and the goals."""
-    runs = [measure_one(n, cold=cold) for n in counts]
-    result: dict[str, Any] = {"runs": runs, "cold": cold}
+    if baseline is not None:
+        movers.append(f"baseline:{baseline_source(baseline)}")
+        labels[movers[-1]] = f"passt_repair.tcp at {baseline} (experiment)"
+    runs: list[dict[str, Any]] = []
+    for n in counts:
+        each: dict[str, list[dict[str, Any]]] = {m: [] for m in movers}
+        for turn in range(repeat):
+            for m in movers[turn % len(movers) :] + movers[: turn % len(movers)]:  # who goes first rotates
+                each[m].append(measure_one(n, m, reference, cold=cold))
+        by_mover = {m: _median_run(each[m]) for m in movers}
+        c = by_mover["c"]
+        ratios = {m: {p: f[f"{p}_s"] / c[f"{p}_s"] for p in (*PARTS, "total")} for m, f in by_mover.items() if m != "c"}
+        for m, f in by_mover.items():
+            if m != "c":
+                ratios[m]["best"] = f["best_s"]["total"] / c["best_s"]["total"]
+        runs.append({"connections": n, "movers": by_mover, "to_c": ratios})
+    result: dict[str, Any] = {"runs": runs, "cold": cold, "labels": labels, "movers": movers, "repeat": repeat}
     if len(runs) > 1:
-        result["ratio_per_connection"] = runs[-1]["per_connection_us"] / runs[0]["per_connection_us"]
-        result["ratio_of"] = [runs[-1]["connections"], runs[0]["connections"]]
+        big, small = runs[-1], runs[0]
+        result["ratio_of"] = [big["connections"], small["connections"]]
+        result["ratio_per_connection"] = {
+            m: big["movers"][m]["per_connection_us"] / small["movers"][m]["per_connection_us"] for m in movers
+        }
     for run in runs:
         if run["connections"] == 1000:
-            result["ms_for_1000"] = run["total_s"] * 1e3
-    result["goals"] = {"ms_for_1000": GOAL_1000_MS, "ratio_per_connection": GOAL_RATIO}
+            result["to_c_1000"] = run["to_c"]["python"]["total"]
+    result["goals"] = {"to_c_1000": GOAL_TO_C, "ratio_per_connection": GOAL_RATIO}
     return result
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    """The figures as Markdown: each mover's parts (ms) and ratios to C, then memory."""
+    labels, movers = result["labels"], result["movers"]
+    lines = [
+        f"Median ms of {result['repeat']} runs each, taking turns (end to end: its range); ratios of medians to C,"
+        " and of the best runs (on a busy machine the least disturbed):",
+        "",
+        "| N | mover | dump | close | restore+resume | end to end | us/conn | / C: dump | restore | end to end"
+        " | best |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in result["runs"]:
+        for m in movers:
+            f = run["movers"][m]
+            cells = " | ".join(f"{f[f'{p}_s'] * 1e3:.1f}" for p in PARTS)
+            low, high = min(f["totals_s"]) * 1e3, max(f["totals_s"]) * 1e3
+            cells += f" | {f['total_s'] * 1e3:.1f} ({low:.1f}-{high:.1f})"
+            r = run["to_c"].get(m)
+            ratio = (
+                " | ".join(f"**{r[p]:.2f}**" if p == "total" else f"{r[p]:.2f}" for p in ("dump", "restore", "total"))
+                + f" | {r['best']:.2f}"
+                if r
+                else "1 | 1 | 1 | 1"
+            )
+            lines.append(f"| {run['connections']:,} | {labels[m]} | {cells} | {f['per_connection_us']:.0f} | {ratio} |")
+    if "ratio_per_connection" in result:
+        big, small = result["ratio_of"]
+        each = ", ".join(f"{labels[m]} {v:.2f}" for m, v in result["ratio_per_connection"].items())
+        lines += ["", f"Per-connection cost, {big:,} / {small:,}: {each}."]
+    last = result["runs"][-1]
+    lines += ["", f"Peak RSS of the {last['connections']:,}-connection move (the mover's VmHWM):", ""]
+    lines += ["| mover | peak RSS | bytes moved | bytes held at once (one round's buffer) |", "|---|---:|---:|---:|"]
+    for m in movers:
+        f = last["movers"][m]
+        rss, moved, held = f["maxrss_kib"] / 1024, f["bytes"] / 1e6, f["buffer_bytes"] / 1e6
+        lines.append(f"| {labels[m]} | {rss:.1f} MiB | {moved:.1f} MB | {held:.1f} MB |")
+    warm = "not warmed (--cold)" if result.get("cold") else "warmed"
+    lines += [
+        "",
+        "Not in the totals, on both sides: the buffer, faulted in beforehand, and the VM's memory "
+        f"{warm} (bench/bench_migration.py says why).",
+    ]
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# The Python mover: a process of its own, given the connections as inherited descriptors
+
+
+def _check_moved(s: socket.socket) -> bool:
+    """The new socket is ESTABLISHED and holds the queues it was given."""
+    return s.getsockopt(6, 11, 1)[0] == 1 and _inq(s) == RECEIVED and _outq(s)[0] == SENT
+
+
+def _vm_hwm_kib() -> int:
+    """This process's peak RSS (VmHWM; ru_maxrss would carry the parent's over the exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def read_orders() -> tuple[int, list[int]]:
+    """A mover's orders on stdin: how many bytes of memory to warm, then the descriptors to move."""
+    numbers = [int(word) for word in sys.stdin.read().split()]
+    return numbers[0], numbers[1:]
+
+
+def mover(warm: int, fds: list[int]) -> dict[str, Any]:
+    """Move the connections on `fds` with passt_repair.tcp in rounds; the seconds of each part.
+
+    `warm` bytes of memory are faulted in and freed after the buffer is made, just before the timing.
+    """
+    from passt_repair.tcp import DirectSwitcher, checkpoint, decode, restore, resume, stream_buffer
+
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    switcher = DirectSwitcher()
+    parts = dict.fromkeys(PARTS, 0.0)
+    new: list[socket.socket] = []
+    buffer = stream_buffer(min(len(socks), ROUND) * PER_CONNECTION + 64)
+    warmed = _warm(warm) if warm else 0.0
+    size = checked = 0
+    gc.collect()
+    gc.disable()
+    start = time.perf_counter()
+    for first in range(0, len(socks), ROUND):
+        part = socks[first : first + ROUND]
+        t0 = time.perf_counter()
+        frozen = checkpoint(part, switcher, buffer=buffer)
+        data = frozen.data  # encoded while dumping: encode(frozen.states) makes the same bytes
+        t1 = time.perf_counter()
+        for s in part:
+            s.close()
+        t2 = time.perf_counter()
+        restored = restore(decode(data, copy=False), switcher)
+        resume(restored, switcher)
+        t3 = time.perf_counter()
+        parts["dump"] += t1 - t0
+        parts["close"] += t2 - t1
+        parts["restore"] += t3 - t2
+        if frozen.failures or restored.failures:
+            raise RuntimeError(f"failures: {(frozen.failures + restored.failures)[:3]}")
+        size += len(data)
+        made = [s for s in restored.sockets if s is not None]
+        checked += sum(map(_check_moved, made))  # outside the timing, before the buffer is reused
+        new += made
+        start += time.perf_counter() - t3
+    total = time.perf_counter() - start
+    gc.enable()
+    maxrss = _vm_hwm_kib()
+    for s in new:
+        _drop(s)
+    return {
+        "connections": len(fds),
+        "checked": checked,
+        "total_s": total,
+        **{f"{p}_s": v for p, v in parts.items()},
+        "bytes": size,
+        "buffer_bytes": len(buffer),
+        "maxrss_kib": maxrss,
+        "memory_warmed_s": warmed,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    json_path = args[args.index("--json") + 1] if "--json" in args else None
+    if args == ["--mover"]:
+        print(json.dumps(mover(*read_orders())))
+        return 0
     cold = "--cold" in args
-    counts = [int(a) for a in args if a != "--cold"] or [100, 1000, 10000]
+    baseline = args[args.index("--baseline") + 1] if "--baseline" in args else None
+    options = {args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--baseline", "--repeat", "--json")}
+    counts = [int(a) for a in args if a.isdigit() and a not in options] or [100, 1000, 10000]
     if os.geteuid() != 0:
         print("bench_migration: needs root (it makes network namespaces)", file=sys.stderr)
         return 1
-    result = measure(counts, cold=cold)
-    parts = list(result["runs"][0]["parts_s"])
-    print(f"{'N':>6} {'total ms':>9} {'us/conn':>8} " + " ".join(f"{p:>11}" for p in parts) + "   (ms)")
-    for run in result["runs"]:
-        cells = " ".join(f"{run['parts_s'][p] * 1e3:>11.1f}" for p in parts)
-        print(f"{run['connections']:>6} {run['total_s'] * 1e3:>9.1f} {run['per_connection_us']:>8.1f} {cells}")
-    if "ratio_per_connection" in result:
-        big, small = result["ratio_of"]
-        print(f"per-connection cost, {big} vs {small}: {result['ratio_per_connection']:.2f}x (goal <= {GOAL_RATIO})")
-    for run in result["runs"]:
-        warmed = "not warmed (--cold)" if cold else f"warmed in {run['memory_warmed_s'] * 1e3:.0f} ms"
-        print(
-            f"{run['connections']:>6}: not in the total: the {run['buffer_bytes'] / 1e6:.0f} MB buffer faulted in"
-            f" beforehand in {run['buffer_prepared_s'] * 1e3:.1f} ms; memory {warmed}"
-        )
-    if "ms_for_1000" in result:
-        print(f"1,000 connections end to end: {result['ms_for_1000']:.1f} ms (goal <= {GOAL_1000_MS:.0f} ms)")
+    repeat = int(args[args.index("--repeat") + 1]) if "--repeat" in args else REPEAT
+    result = measure(counts, cold=cold, baseline=baseline, repeat=repeat)
+    print("\n".join(table(result)))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

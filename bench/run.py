@@ -88,7 +88,11 @@ def startup_kinds(bin_dir: Path, ref: Path) -> list[HelperKind]:
 # Running
 
 
-def run_migration(counts: Sequence[int]) -> dict[str, Any]:
+#: The library before issue 12's speed work, timed beside the present one as an experiment.
+MIGRATION_BASELINE = "ec64f74"
+
+
+def run_migration(counts: Sequence[int], experiments: bool) -> dict[str, Any]:
     """bench/bench_migration.py's measure(counts), if that module exists yet."""
     try:
         module = importlib.import_module("bench.bench_migration")
@@ -97,7 +101,7 @@ def run_migration(counts: Sequence[int]) -> dict[str, Any]:
             raise
         return {"skipped": "bench/bench_migration.py does not exist (yet)"}
     try:
-        figures: dict[str, Any] = module.measure(list(counts))
+        figures: dict[str, Any] = module.measure(list(counts), baseline=MIGRATION_BASELINE if experiments else None)
     except Exception as e:  # another engineer's benchmark: report its failure, keep the other figures
         log(f"migration benchmark failed: {type(e).__name__}: {e}")
         return {"skipped": f"bench_migration.measure() failed: {type(e).__name__}: {e}"}
@@ -192,7 +196,7 @@ def run(sections: Sequence[str], quick: bool, experiments: bool, counts: Sequenc
         )
     if "migration" in sections:
         log("migration benchmark (bench/bench_migration.py)")
-        results["migration"] = run_migration([100, 1000] if quick else [100, 1000, 10_000])
+        results["migration"] = run_migration([100, 1000] if quick else [100, 1000, 10_000], experiments)
     results["meta"]["load_after"] = os.getloadavg()
     results["goals"] = goals(results)
     return results
@@ -242,14 +246,14 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     elif "python" in results.get("startup", {}).get("rss_kib", {}):
         add("peak RSS after one request (MiB)", results["startup"]["rss_kib"]["python"] / 1024, GOALS["rss_mib"])
     migration = results.get("migration", {})
-    if "ms_for_1000" in migration:
-        limit = migration["goals"]["ms_for_1000"]
-        add("migration of 1,000 connections, end to end (ms)", migration["ms_for_1000"], limit)
+    if "to_c_1000" in migration:
+        limit = migration["goals"]["to_c_1000"]
+        add("migration of 1,000 connections end to end, Python / C", migration["to_c_1000"], limit)
     if "ratio_per_connection" in migration:
         big, small = migration["ratio_of"]
         add(
             f"migration per connection, {big:,} / {small:,}",
-            migration["ratio_per_connection"],
+            migration["ratio_per_connection"]["python"],
             migration["goals"]["ratio_per_connection"],
         )
     return out
@@ -393,23 +397,10 @@ def table(results: dict[str, Any]) -> str:
 
 
 def migration_table(m: dict[str, Any]) -> list[str]:
-    """Total and per-connection cost of each run, split into its parts (ms)."""
-    parts = list(m["runs"][0]["parts_s"])
-    lines = [
-        "| N | total ms | us/conn | " + " | ".join(parts) + " |",
-        "|---:|---:|---:|" + "---:|" * len(parts),
-    ]
-    for run in m["runs"]:
-        cells = " | ".join(f"{run['parts_s'][p] * 1e3:.1f}" for p in parts)
-        total, each = run["total_s"] * 1e3, run["per_connection_us"]
-        lines.append(f"| {run['connections']:,} | {total:.1f} | {each:.0f} | {cells} |")
-    warm = "not warmed (--cold)" if m.get("cold") else "warmed"
-    lines += [
-        "",
-        f"Not in the totals: the stream buffer, faulted in beforehand ({m['runs'][-1]['buffer_bytes'] / 1e6:.0f} MB), "
-        f"and memory {warm} before the timed part (bench/bench_migration.py says why).",
-    ]
-    return lines
+    """bench/bench_migration.py's table: each mover's parts, the ratios to the C reference, memory."""
+    from bench.bench_migration import table as migration_figures
+
+    return migration_figures(m)
 
 
 def _label(helpers: dict[str, Any], key: str) -> str:

@@ -1,20 +1,25 @@
 """Read one connection out of a socket that is in repair mode.
 
-The steps, on a socket already switched to repair mode (docs/migration.md):
+The steps, on a socket already switched to repair mode (docs/migration.md
+has the kernel's side of each; docs/performance.md why each call stays):
 
  1. TCP_INFO (up to tcpi_pacing_rate): the TCP state, which options are on
     (SACK, timestamps, window scaling), both window scales, the pacing rate.
+    A caller that read them before the switch passes them in
+    (`probe(info=...)`).
  2. TCP_MAXSEG, which in repair mode is the MSS clamp; TCP_TIMESTAMP, the
     current timestamp value, if timestamps are on, plus the pacing lead
     (`pacing_lead`): the record's value is never below a TSval already sent.
  3. TCP_REPAIR_WINDOW (EPERM here: the socket is not in repair mode).
- 4. Select the send queue: SIOCOUTQ (bytes not acknowledged), SIOCOUTQNSD
-    (bytes not sent), TCP_QUEUE_SEQ (the sequence number after its last
-    byte).
- 5. Select the receive queue: SIOCINQ, TCP_QUEUE_SEQ.
+ 4. The queues' lengths: SIOCOUTQ (bytes not acknowledged), SIOCOUTQNSD
+    (bytes not sent), SIOCINQ (bytes not read); none depends on the queue
+    selected.
+ 5. Select the receive queue: TCP_QUEUE_SEQ (the sequence number after its
+    last byte).
  6. The addresses, and the socket options the application set.
- 7. Peek the receive queue's bytes, select the send queue, peek its bytes
-    (SO_PEEK_OFF off meanwhile, if the application had set it).
+ 7. Peek the receive queue's bytes (SO_PEEK_OFF off meanwhile, if the
+    application had set it), select the send queue, read its
+    TCP_QUEUE_SEQ, peek its bytes.
  8. Take the FINs out: after this side shut down sending, the send
     counters and sequence count its FIN; after the peer's FIN arrived, the
     receive sequence and `rcv_wup` count it. The record holds neither.
@@ -23,9 +28,9 @@ Steps 1-6 are `probe`, step 7-8 `Probe.read_queues`: a caller dumping many
 sockets probes them all first, so that it knows every queue's length and
 can peek each queue straight into its place in one buffer.
 
-The socket is left in repair mode and otherwise unchanged (SO_PEEK_OFF is
-put back): closing it sends nothing, and switching repair off resumes it
-where it stopped.
+The socket is left in repair mode, with the send queue selected, and
+otherwise unchanged (SO_PEEK_OFF is put back): closing it sends nothing,
+and switching repair off resumes it where it stopped.
 
 Every step works on a view of the descriptor, a socket object the caller
 makes (`view`) and detaches when done. Peeking uses MSG_DONTWAIT on it,
@@ -45,7 +50,7 @@ import struct
 from . import _linux as k
 from .state import MOVABLE_STATES, ConnectionState, RepairWindow, SocketOptions, TcpState, assemble
 
-__all__ = ["DumpError", "Probe", "dump", "probe", "reading_ended", "view"]
+__all__ = ["INFO_SIZE", "DumpError", "Probe", "dump", "probe", "reading_ended", "view"]
 
 _U32 = struct.Struct("I")
 _INT = struct.Struct("i")
@@ -55,6 +60,8 @@ _INFO = struct.Struct("=7B97xQ")
 #: Twice the largest segment TCP builds without BIG TCP (GSO_LEGACY_MAX_SIZE): see `pacing_lead`.
 _PACED_BYTES = 2 * 65536
 _UNPACED = (0, 0xFFFFFFFFFFFFFFFF)
+#: How much of TCP_INFO the dump reads.
+INFO_SIZE = _INFO.size
 _FLAGS = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _IOCTL_BUF = bytes(4)
 _STATES = {s.value: s for s in TcpState}
@@ -138,24 +145,28 @@ class Probe:
     def read_queues(self, send_into: memoryview | None, recv_into: memoryview | None) -> ConnectionState:
         """Steps 7-8: peek both queues (into the buffers given, of exactly their lengths, or into new bytes)."""
         on_fd = self.view
+        received: bytes | memoryview = b""
         step = "getsockopt(SO_PEEK_OFF)"
         try:
-            # An application's peek offset would make the peeks skip the bytes it already peeked at.
-            peek_off = on_fd.getsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF)
-            if peek_off != -1:
-                step = "setsockopt(SO_PEEK_OFF)"
-                on_fd.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, -1)
-            try:
-                step = "recv(MSG_PEEK) on the receive queue"
-                received = _peek(on_fd, self.recv_len, recv_into, "receive")
-                step = "setsockopt(TCP_REPAIR_QUEUE, send queue)"
-                on_fd.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
-                step = "recv(MSG_PEEK) on the send queue"
-                send_queue = _peek(on_fd, self.send_len, send_into, "send")
-            finally:
+            if self.recv_len:  # the peek offset applies to the receive queue only (the send queue's peek ignores it)
+                # An application's peek offset would make the peek skip the bytes it already peeked at.
+                peek_off = on_fd.getsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF)
                 if peek_off != -1:
                     step = "setsockopt(SO_PEEK_OFF)"
-                    on_fd.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, peek_off)
+                    on_fd.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, -1)
+                try:
+                    step = "recv(MSG_PEEK) on the receive queue"
+                    received = _peek(on_fd, self.recv_len, recv_into, "receive")
+                finally:
+                    if peek_off != -1:
+                        step = "setsockopt(SO_PEEK_OFF)"
+                        on_fd.setsockopt(socket.SOL_SOCKET, k.SO_PEEK_OFF, peek_off)
+            step = "setsockopt(TCP_REPAIR_QUEUE, send queue)"
+            on_fd.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
+            step = "getsockopt(TCP_QUEUE_SEQ, send queue)"
+            self.write_seq = _U32.unpack(on_fd.getsockopt(k.SOL_TCP, k.TCP_QUEUE_SEQ, 4))[0]
+            step = "recv(MSG_PEEK) on the send queue"
+            send_queue = _peek(on_fd, self.send_len, send_into, "send")
         except OSError as e:
             raise DumpError(_oserror(step, e)) from None
         return self._state(send_queue, received)
@@ -215,17 +226,21 @@ def _peek(on_fd: socket.socket, length: int, into: memoryview | None, what: str)
     return data
 
 
-def probe(on_fd: socket.socket, *, rcv_shutdown: bool | None = None) -> Probe:
+def probe(on_fd: socket.socket, *, rcv_shutdown: bool | None = None, info: bytes | None = None) -> Probe:
     """Steps 1-6 on the socket `on_fd` views, without the queues' bytes; DumpError naming the step that failed.
 
-    `rcv_shutdown`: as for `dump`.
+    `rcv_shutdown`: as for `dump`. `info`: TCP_INFO's first INFO_SIZE bytes, if the
+    caller read them and knows the state cannot have changed since (None
+    reads them).
     """
     found = Probe(on_fd)
     fd = on_fd.fileno()
-    get, set_ = on_fd.getsockopt, on_fd.setsockopt
+    get = on_fd.getsockopt
     step = "getsockopt(TCP_INFO)"
     try:
-        state_no, _, _, _, _, options, scales, pacing_rate = _INFO.unpack(get(k.SOL_TCP, k.TCP_INFO, _INFO.size))
+        if info is None:
+            info = get(k.SOL_TCP, k.TCP_INFO, _INFO.size)
+        state_no, _, _, _, _, options, scales, pacing_rate = _INFO.unpack(info)
         state = _STATES.get(state_no)
         if state is None:
             raise DumpError(f"unknown TCP state {state_no}")
@@ -246,8 +261,6 @@ def probe(on_fd: socket.socket, *, rcv_shutdown: bool | None = None) -> Probe:
         found.fin_out = fin_out = 1 if state.fin_sent else 0
         # The FIN counts in SIOCOUTQ until acknowledged (FIN_WAIT2: it was), in SIOCOUTQNSD until sent.
         fin_unacked = 1 if fin_out and state is not TcpState.FIN_WAIT2 else 0
-        step = "setsockopt(TCP_REPAIR_QUEUE, send queue)"
-        set_(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_SEND_QUEUE)
         step = "ioctl(SIOCOUTQ)"
         found.send_len = outq = _ioctl(fd, k.SIOCOUTQ) - fin_unacked
         step = "ioctl(SIOCOUTQNSD)"
@@ -257,13 +270,11 @@ def probe(on_fd: socket.socket, *, rcv_shutdown: bool | None = None) -> Probe:
         if not 0 <= notsent <= outq:
             raise DumpError(f"send queue counts disagree: {outq} bytes unacknowledged, {notsent} not sent")
         found.notsent = notsent
-        step = "getsockopt(TCP_QUEUE_SEQ, send queue)"
-        found.write_seq = _U32.unpack(get(k.SOL_TCP, k.TCP_QUEUE_SEQ, 4))[0]
-
-        step = "setsockopt(TCP_REPAIR_QUEUE, receive queue)"
-        set_(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_RECV_QUEUE)
         step = "ioctl(SIOCINQ)"
         found.recv_len = _ioctl(fd, k.SIOCINQ)  # the kernel leaves the peer's FIN out of this count itself
+
+        step = "setsockopt(TCP_REPAIR_QUEUE, receive queue)"
+        on_fd.setsockopt(k.SOL_TCP, k.TCP_REPAIR_QUEUE, k.TCP_RECV_QUEUE)
         step = "getsockopt(TCP_QUEUE_SEQ, receive queue)"
         found.rcv_nxt = _U32.unpack(get(k.SOL_TCP, k.TCP_QUEUE_SEQ, 4))[0]
 

@@ -49,7 +49,7 @@ from ..server import RepairError, SocketLike
 from . import _linux as k
 from . import restore as steps
 from . import wire
-from .dump import DumpError, Probe, probe, view
+from .dump import INFO_SIZE, DumpError, Probe, probe, view
 from .state import MOVABLE_STATES, ConnectionState, RecordError, TcpState, check, check_new
 
 __all__ = [
@@ -87,20 +87,25 @@ class DirectSwitcher:
     def switch(self, sockets: Iterable[SocketLike], command: Command) -> None:
         value = int(Command(command))
         for done, sock in enumerate(sockets):
-            fd = sock if isinstance(sock, int) else sock.fileno()
-            view = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+            # A socket object is used as it is: a view of a bare descriptor costs a getsockname().
+            view = (
+                sock
+                if isinstance(sock, socket.socket)
+                else socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, _fd(sock))
+            )
             try:
                 view.setsockopt(SOL_TCP, TCP_REPAIR, value)
             except OSError as e:
                 name = errno.errorcode.get(e.errno or 0, f"errno {e.errno}")
                 raise RepairError(
-                    f"setsockopt(TCP_REPAIR, {Command(command).name}) on descriptor {fd}: "
+                    f"setsockopt(TCP_REPAIR, {Command(command).name}) on descriptor {view.fileno()}: "
                     f"{name} ({os.strerror(e.errno or 0)})",
                     (),
                     done,
                 ) from None
             finally:
-                view.detach()
+                if view is not sock:
+                    view.detach()
 
 
 @dataclass(frozen=True)
@@ -160,21 +165,26 @@ def _in_repair(fd: int) -> bool:
         view.detach()
 
 
-def _switch(switcher: Switcher, fds: Sequence[int], command: Command) -> str | None:
-    """Switch all `fds`; on failure return the reason (each socket's state then tells what happened)."""
+def _switch(switcher: Switcher, sockets: Sequence[SocketLike], command: Command) -> str | None:
+    """Switch all `sockets`; on failure return the reason (each socket's state then tells what happened)."""
     try:
-        switcher.switch(fds, command)
+        switcher.switch(sockets, command)
     except RepairError as e:
         return str(e)
     return None
 
 
-def _polled_rdhup(fds: Sequence[int]) -> set[int]:
-    """The descriptors whose reading has ended (POLLRDHUP), in one poll() for all."""
+def _polled(fds: Sequence[int]) -> dict[int, int]:
+    """POLLRDHUP (reading has ended), POLLHUP and POLLERR of each descriptor that has any, in one poll()."""
     poller = select.poll()
     for fd in fds:
         poller.register(fd, k.POLLRDHUP)
-    return {fd for fd, events in poller.poll(0) if events & k.POLLRDHUP}
+    return dict(poller.poll(0))
+
+
+#: What poll() reports in each state whose TCP_INFO, read before the switch, only a segment could make
+#: stale; a segment that did (a FIN, a reset) shows in poll(). The other states are read again.
+_QUIET: dict[int, int] = {TcpState.ESTABLISHED: 0, TcpState.CLOSE_WAIT: k.POLLRDHUP, TcpState.FIN_WAIT2: 0}
 
 
 def checkpoint(
@@ -199,6 +209,7 @@ def checkpoint(
     try:
         # A socket the helper would refuse (not TCP, listening) fails its whole batch: leave such ones out.
         on_fds: dict[int, socket.socket] = {}
+        infos: dict[int, bytes] = {}  # TCP_INFO as read before the switch
         for index, fd in enumerate(fds):
             try:
                 on_fd = view(fd)
@@ -210,20 +221,25 @@ def checkpoint(
                 result.failures.append(Failure(index, f"descriptor {fd}", f"not a socket ({e})"))
                 continue
             made.append(on_fd)
-            unmovable = _unmovable(on_fd)
-            if unmovable:
-                result.failures.append(Failure(index, _describe(on_fd), unmovable))
+            info = _tcp_info(on_fd)
+            if isinstance(info, str):
+                result.failures.append(Failure(index, _describe(on_fd), info))
             else:
                 on_fds[index] = on_fd
-        reason = _switch(switcher, [fds[i] for i in on_fds], Command.ON)
-        ended = _polled_rdhup([fds[i] for i in on_fds])
+                infos[index] = info
+        reason = _switch(switcher, list(on_fds.values()), Command.ON)
+        polled = _polled([fds[i] for i in on_fds])
         probes: list[tuple[int, Probe]] = []
         for index, on_fd in on_fds.items():
             if reason is not None and not _in_repair(fds[index]):
                 result.failures.append(Failure(index, _describe(on_fd), f"repair mode not switched on: {reason}"))
                 continue
+            events = polled.get(fds[index], 0)
+            before: bytes | None = infos[index]
+            if _QUIET.get(infos[index][0]) != events:
+                before = None
             try:
-                probes.append((index, probe(on_fd, rcv_shutdown=fds[index] in ended)))
+                probes.append((index, probe(on_fd, rcv_shutdown=bool(events & k.POLLRDHUP), info=before)))
             except DumpError as e:
                 result.failures.append(Failure(index, _describe(on_fd), str(e)))
         _read_into_stream(probes, result, buffer)
@@ -285,15 +301,16 @@ def stream_buffer(size: int, *, populate: bool = True) -> mmap.mmap:
     return mmap.mmap(-1, max(size, 1), flags=flags)
 
 
-def _unmovable(on_fd: socket.socket) -> str | None:
-    """Why the socket `on_fd` views cannot move, read without privilege; None if it can."""
+def _tcp_info(on_fd: socket.socket) -> bytes | str:
+    """TCP_INFO's first bytes (for `probe`), read without privilege; or why the socket cannot move."""
     try:
-        state = on_fd.getsockopt(SOL_TCP, k.TCP_INFO, 1)[0]
+        info: bytes = on_fd.getsockopt(SOL_TCP, k.TCP_INFO, INFO_SIZE)
     except OSError as e:
         name = errno.errorcode.get(e.errno or 0, f"errno {e.errno}")
         return f"not a TCP socket (getsockopt(TCP_INFO): {name})"
+    state = info[0]
     if state in MOVABLE_STATES:
-        return None
+        return info
     try:
         label = TcpState(state).name
     except ValueError:
@@ -375,7 +392,7 @@ def restore(states: Sequence[ConnectionState], switcher: Switcher) -> Restored:
         else:
             # Not a field: equality, replace() and the wire ignore it; a weak reference keeps no socket alive.
             _setattr(state, _RESTORED_INTO, weakref.ref(sock))
-    reason = _switch(switcher, [_sock(result, i).fileno() for i in made], Command.ON)
+    reason = _switch(switcher, [_sock(result, i) for i in made], Command.ON)
     defaults: dict[socket.AddressFamily, steps.Defaults] = {}
     for index in made:
         sock, state = _sock(result, index), states[index]
@@ -405,7 +422,7 @@ def resume(restored: Restored, switcher: Switcher) -> None:
         listed = _listed(live, lambda i: restored.states[i].describe()) if live else "no connection is"
         raise StepError(f"resume(): {listed} already resumed; nothing was changed")
     live = [i for i, s in enumerate(restored.sockets) if s is not None]
-    reason = _switch(switcher, [_sock(restored, i).fileno() for i in live], Command.OFF)
+    reason = _switch(switcher, [_sock(restored, i) for i in live], Command.OFF)
     restored.resumed = True
     for index in live:
         sock = _sock(restored, index)
