@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """SPDX licence headers on every source file: list the files without one (--check), or add it.
 
     python3 .ci/spdx_headers.py --check   # exit 1 and one line per file that lacks the header

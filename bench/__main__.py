@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """`python -m bench`: run the benchmark suite (bench/run.py)."""
 
 import sys

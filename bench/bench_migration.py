@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Benchmark: move N live connections with passt_repair.tcp and with a C checkpointer, side by side.
 
 For each N (100, 1,000 and 10,000 by default) and each mover, the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """What every benchmark needs: the helpers to compare, CPU pinning, TCP sockets, statistics.
 
 The server (this process) runs on one CPU and every helper on the other, so

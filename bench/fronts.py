@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """What the server library adds to a round trip: RepairServer and AsyncRepairServer against bare socket calls.
 
 Three C reference helpers (the cheapest other end, so the server's own work

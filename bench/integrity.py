@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """`python -m bench.integrity`: what the wire format's integrity check costs, side by side in one run.
 
 Per MiB: copying the bytes once (the floor any reader pays), zlib.crc32 (the

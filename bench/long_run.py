@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Long run: 1,000,000 socket switches through one passt-repair, watching its descriptors and memory.
 
 The server is the library's RepairServer; the helper is the installed

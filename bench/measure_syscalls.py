@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Which system calls does the helper make once it is confined? Measured, not guessed.
 
 Runs the test suite in-process with a pytest plugin that puts every run of the

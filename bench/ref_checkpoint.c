@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
 /* ref_checkpoint.c: a C TCP checkpointer, the anchor passt_repair.tcp is measured against.
  *
  * Benchmark reference only, never installed. Per connection it makes the system calls CRIU's

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
 /* ref_helper.c: a plain C passt-repair, the floor the Python helper is measured against.
  *
  * Benchmark reference only, never installed. Same protocol as passt-repair: connect to the

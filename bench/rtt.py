@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Round trip per message, throughput over 100,000 sockets, and the helpers' peak RSS.
 
 Round trip: the server sends one request (command byte + N descriptors) and

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Run the passt-repair benchmarks and print one table of figures measured side by side.
 
     .venv/bin/python -m bench                 # everything (1 to 2 minutes)

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Before timing anything: every helper that claims the all-or-nothing guarantee must keep it.
 
 A benchmark that compares a helper doing less work would flatter it, so each

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Start-up to connected, exit after the server closes, peak RSS, and directory mode (listen() to accept()).
 
 Start-up: from just before the server spawns the helper (fork + exec of the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The same as blocking_server.py, in an asyncio program: no threads.
 
 Run it as root with the interpreter the package is installed for:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Switch repair mode on some TCP sockets through passt-repair, with the blocking API.
 
 Run it with the interpreter the package is installed for, as root (the

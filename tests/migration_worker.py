@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """A process that holds connections for test_migration_netns.py: the peer, the source or the target.
 
 It runs inside one host's network namespace with no capability at all

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Network namespaces as hosts on a bridge, for migration tests and the benchmark.
 
     with Topology(["peer", "source", "target"]) as net:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Shared test tools: real sockets, the installed helper as a subprocess, a raw server.
 
 Nothing here imitates the kernel: every check reads real state back with

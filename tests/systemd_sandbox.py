@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Run a command under the seccomp rules of passt-repair@.service, for hosts where systemd is not PID 1.
 
     python systemd_sandbox.py COMMAND [ARGS...]

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """AsyncRepairServer against the installed helper (and a fake one where the helper cannot misbehave).
 
 Every state is read back from the kernel with getsockopt(TCP_REPAIR); every

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The public API: what `import passt_repair` costs, what it exports, and that all of it is documented."""
 
 from __future__ import annotations

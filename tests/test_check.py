@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """passt-repair-check, the conformance kit: it passes this helper, and it catches what other helpers break.
 
 Three kinds of helper are checked: the installed one (every guarantee holds); the project's plain

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """passt-repair-demo, run as a user would: as root, and with no capability at all."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """docs/deployment.md against the installed helper: every passt-repair command it shows runs as written
 (its paths moved under a temporary directory), KubeVirt's layout works as virt-handler sets it up, and
 every file of this project the recipes name exists. The distribution recipe is run in

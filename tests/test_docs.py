@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The documentation against the code: the man page renders cleanly and agrees with --help and with
 what the helper logs; the package ships it; every Python example of the guide and of examples/ runs.
 """

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The installed helper at its edges: signals whatever it waits on, logging that fails, names that
 would forge log lines, and the ways a directory wait can go wrong."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The helper's confinement, read back from the kernel: /proc/PID/status, SIGSYS, SO_PEERCRED.
 
 Every helper here is the installed passt-repair, started as root (or with

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Conformance of the installed passt-repair helper, on real sockets.
 
 The server side here is a raw UNIX socket that sends exactly what each test
@@ -438,7 +439,7 @@ def test_privilege_split(tmp_path: Path) -> None:
     CAP_NET_ADMIN alone and switches the server's socket.
 
     Both keep uid 0 with SECBIT_NOROOT set, so the interpreter under root's home stays
-    reachable while uid 0 confers no capability (../shared/SPEC.md §5).
+    reachable while uid 0 confers no capability.
     """
     from support import SETPRIV_NET_ADMIN_ONLY, SETPRIV_NO_CAPS
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """How the installed passt-repair command starts: isolated from its environment, and its command line.
 
 Every test runs the installed command (the launcher bin/passt-repair) as root,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The AppArmor profile and the SELinux module in contrib/: they build, and they fit the helper.
 
 This machine's kernel enforces neither, so what is checked is what can be without one: the

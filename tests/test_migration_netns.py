@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Live moves between hosts: peer, source and target are network namespaces on a bridge.
 
 The service address lives on the source; the peer's connections to it carry

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The pure protocol layer: encoding, decoding and the batching rule, with no sockets."""
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def test_any_other_byte_is_refused(raw: int) -> None:
 
 
 def test_seed_typo_value_two_is_refused() -> None:
-    """The first man page called OFF "2"; the kernel rejects 2, and so do we (SPEC §2)."""
+    """The first man page called OFF "2"; the kernel rejects 2, and so do we."""
     with pytest.raises(ProtocolError):
         decode_command(2)
     with pytest.raises(ProtocolError):

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The server library against the real installed helper: listening, attaching, batching, context manager."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Faults on the server side: a helper that dies, hangs or lies, a socket file that goes away, helpers that race.
 
 The server is the library's RepairServer; the helper is the installed

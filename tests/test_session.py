@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The server's sans-I/O core alone: every plan and every fault as a sequence of steps and outcomes, no sockets.
 
 Each test plays the front: it answers the steps a plan yields from a script

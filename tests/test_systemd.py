@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """contrib/systemd/passt-repair@.service: systemd accepts it, and the helper works inside its sandbox.
 
 systemd is not PID 1 on the test hosts, so the sandbox is rebuilt from its

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The system calls the dump leaves out, on real loopback sockets: each one left out is shown harmless here.
 
 `checkpoint` reads TCP_INFO once, before the switch, and trusts it after

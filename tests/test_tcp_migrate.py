@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Checkpoint and restore on real sockets over loopback, each test in a network namespace of its own.
 
 Each test moves live connections into new sockets through the installed

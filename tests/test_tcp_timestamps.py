@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The peer's view of the timestamp clock across a move: it never goes backwards (PAWS, RFC 7323).
 
 A paced socket keeps its next departure time (tcp_wstamp_ns) ahead of the

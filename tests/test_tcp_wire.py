@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The state record and its encoding: pure, no sockets.
 
 Round trips for every shape a record can take, every way a stream can be

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """EXPERIMENT, not a helper: the least a Python program can do in directory mode, for the floor.
 
 Run as `python -I -S directory_floor.py DIRECTORY`: watches DIRECTORY with

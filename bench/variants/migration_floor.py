@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """EXPERIMENT, not the library: the system calls of a migration and nothing else, for the floor.
 
 A mover for bench/bench_migration.py (`python -m bench.variants.migration_floor`,

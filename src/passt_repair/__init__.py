@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """passt-repair: set and clear TCP_REPAIR for an unprivileged server, and use it.
 
 The privileged helper is the `passt-repair` command (`passt_repair.cli`).

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """`python -I -m passt_repair`: the same as the passt-repair command, which starts the interpreter so.
 
 Without -I the interpreter has read PYTHON* variables, the user site and the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """What RepairServer and AsyncRepairServer share: their sockets, and every step of a plan that does not wait.
 
 The socket file and the listening socket, the connection to the helper, and

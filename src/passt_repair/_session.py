@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """A repair session without I/O: what the server sends its helper, and what every answer means.
 
 `RepairServer` (blocking) and `AsyncRepairServer` (asyncio) own the sockets

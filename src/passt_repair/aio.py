@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The server side of the passt-repair protocol for asyncio programs.
 
 `AsyncRepairServer` behaves like `passt_repair.server.RepairServer` and

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """passt-repair-check: the protocol's guarantees, checked against any repair helper.
 
 Runs a helper binary (this project's, upstream's C one, a packager's build)

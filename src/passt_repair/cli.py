@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Command line of the passt-repair helper: arguments in, exit status out.
 
 Exit status: 0 when the server closes the connection (end of file or reset)

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """passt-repair-demo: move a live TCP connection into a new socket, through the real helper.
 
 Everything happens on this machine, on loopback: a peer connects to a

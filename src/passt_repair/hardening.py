@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """How the privileged helper confines itself: one capability, no new privileges, a seccomp allow-list.
 
 Whoever controls the socket the helper connects to can have TCP_REPAIR set on

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The privileged helper: connect to the server, switch TCP_REPAIR, echo.
 
 passt-repair connects to a server's UNIX socket (or waits in a directory for

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The passt-repair wire protocol, with no I/O.
 
 A request is one byte, a signed 8-bit command (the kernel's own TCP_REPAIR

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The server side of the passt-repair protocol: what passt does, for Python programs.
 
 A server without CAP_NET_ADMIN listens on a UNIX socket, accepts one

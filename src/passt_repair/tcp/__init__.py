@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Live TCP connection migration built on TCP_REPAIR.
 
     from passt_repair.tcp import checkpoint, restore, resume, encode, decode

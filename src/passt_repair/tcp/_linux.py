@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Linux numbers the standard library does not name (include/uapi/linux/tcp.h, sockios.h, asm/socket.h)."""
 
 from __future__ import annotations

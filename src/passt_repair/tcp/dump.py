@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Read one connection out of a socket that is in repair mode.
 
 The steps, on a socket already switched to repair mode (docs/migration.md

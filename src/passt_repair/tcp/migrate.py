@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Checkpoint and restore many connections, switching repair mode in batches.
 
 On the source:

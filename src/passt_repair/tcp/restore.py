@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """Make a new socket that continues a connection, from its state record.
 
 The steps (docs/migration.md); repair mode is switched by the caller between them:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """What travels for one TCP connection: plain data, no sockets.
 
 A ConnectionState is read from a socket in repair mode (`dump`), turned into

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """The binary encoding of a list of connection states, strict on input.
 
     stream  := header record*
