@@ -198,6 +198,21 @@ def test_launcher_ignores_a_function_exported_by_bash(tmp_path: Path, pairs: Tcp
     assert_not_ran(marker, status, err)
 
 
+def test_launcher_ignores_a_readlink_planted_on_path(tmp_path: Path, pairs: TcpPairs, marker: Path) -> None:
+    """Reached through a symbolic link, the launcher runs readlink by its absolute path, not PATH's."""
+    link = tmp_path / "bin" / "passt-repair"
+    link.parent.mkdir()
+    link.symlink_to(HELPER)
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "readlink").write_text(f"#!/bin/sh\necho ran > {marker}\nexit 1\n")
+    (planted / "readlink").chmod(0o755)
+    env = clean_env()
+    env["PATH"] = f"{planted}:{env.get('PATH', '/usr/bin:/bin')}"
+    status, err = serve_one(tmp_path, pairs, env, argv=[str(link)])
+    assert_not_ran(marker, status, err)
+
+
 # -- the command line -----------------------------------------------------------------
 
 
