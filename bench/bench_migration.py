@@ -46,7 +46,8 @@ Each mover moves each N three times (`--repeat`), the movers taking turns
 in an order that rotates; the figures are medians, and the ratios are of
 medians measured in the same run.
 
-Run as root: `python bench/bench_migration.py [--cold] [--repeat K] [--baseline REV] [--json PATH] [N ...]`;
+Run as root, from the top of the tree:
+`python -m bench.bench_migration [--cold] [--repeat K] [--baseline REV] [--json PATH] [N ...]`;
 `--baseline REV` also times passt_repair.tcp as it was at git revision REV
 (its src/ extracted under /tmp), in the same run. `measure(counts)` returns
 the figures as a dict for bench/run.py.
@@ -71,6 +72,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from bench.common import build_c
 
 SENT = 64 << 10
 RECEIVED = 16 << 10
@@ -205,15 +208,6 @@ def _wait(check: Any, what: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def build_reference() -> Path:
-    """Compile bench/ref_checkpoint.c with `cc -O2` into bench/build/."""
-    BUILD.mkdir(exist_ok=True)
-    out = BUILD / "ref_checkpoint"
-    cc = os.environ.get("CC", "cc")
-    subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(BENCH / "ref_checkpoint.c")], check=True)
-    return out
-
-
 def baseline_source(rev: str) -> Path:
     """passt_repair's src/ as it was at git revision `rev`, extracted under /tmp (a PYTHONPATH for it).
 
@@ -288,7 +282,7 @@ def measure(
     counts: Sequence[int], *, cold: bool = False, baseline: str | None = None, repeat: int = REPEAT
 ) -> dict[str, Any]:
     """Every mover at every count, `repeat` times taking turns; medians, the ratios to C, the goals."""
-    reference = build_reference()
+    reference = build_c("ref_checkpoint")
     movers = ["c", "python", "floor"]
     labels = {
         "c": "C reference (libsoccr's calls)",

@@ -68,13 +68,18 @@ class HelperKind:
     experiment: bool = False
 
 
-def build_ref_helper() -> Path:
-    """Compile bench/ref_helper.c with `cc -O2` into bench/build/ (every run: it takes a moment)."""
+def build_c(name: str) -> Path:
+    """Compile bench/NAME.c with `cc -O2` into bench/build/NAME (every run: it takes a moment)."""
     BUILD.mkdir(exist_ok=True)
-    out = BUILD / "ref_helper"
+    out = BUILD / name
     cc = os.environ.get("CC", "cc")
-    subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(BENCH / "ref_helper.c")], check=True)
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(BENCH / f"{name}.c")], check=True)
     return out
+
+
+def build_ref_helper() -> Path:
+    """The C reference helper, bench/ref_helper.c, compiled."""
+    return build_c("ref_helper")
 
 
 def _source_hash() -> str:
