@@ -185,3 +185,17 @@ def test_target_tsval_never_below_the_source(net: Topology, congestion: str, fam
         f"TSval went back from {last} (source, {lead} ms ahead of its clock at the dump) to {first} (target)"
     )
     assert all(not _after(a, b) for a, b in itertools.pairwise(from_target)), "target's clock monotonic"
+
+
+def test_the_lead_is_added_in_the_sockets_own_unit() -> None:
+    """Milliseconds on a millisecond clock (low bit clear), microseconds on a microsecond one (bit set, kept)."""
+    from passt_repair.tcp.dump import pacing_lead, timestamp_ahead
+
+    rate = 10_000_000  # bytes per second: 2 x 64 KiB take 13.1 ms
+    lead = pacing_lead(rate)
+    assert lead % 2 == 0
+    assert 14 <= lead <= 16
+    assert timestamp_ahead(1_000_000, rate) == 1_000_000 + lead
+    assert timestamp_ahead(1_000_001, rate) == 1_000_001 + lead * 1000
+    assert timestamp_ahead(0xFFFFFFFE, rate) == lead - 2  # wraps as the 32-bit clock does
+    assert timestamp_ahead(1_000_000, 0) == timestamp_ahead(1_000_000, 2**64 - 1) == 1_000_000  # not paced

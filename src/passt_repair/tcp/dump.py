@@ -254,7 +254,7 @@ def probe(on_fd: socket.socket, *, rcv_shutdown: bool | None = None, info: bytes
         found.timestamp = None
         if options & k.TCPI_OPT_TIMESTAMPS:
             step = "getsockopt(TCP_TIMESTAMP)"
-            found.timestamp = (get(k.SOL_TCP, k.TCP_TIMESTAMP) + pacing_lead(pacing_rate)) & 0xFFFFFFFF
+            found.timestamp = timestamp_ahead(get(k.SOL_TCP, k.TCP_TIMESTAMP), pacing_rate)
 
         step = "getsockopt(TCP_REPAIR_WINDOW)"
         found.window = _WINDOW.unpack(get(k.SOL_TCP, k.TCP_REPAIR_WINDOW, _WINDOW.size))
@@ -321,6 +321,18 @@ def pacing_lead(pacing_rate: int) -> int:
     if pacing_rate in _UNPACED:
         return 0
     return (2 + -(-_PACED_BYTES * 1000 // pacing_rate)) & ~1
+
+
+def timestamp_ahead(timestamp: int, pacing_rate: int) -> int:
+    """TCP_TIMESTAMP's value plus the pacing lead, in the socket's own unit, as an unsigned 32-bit value.
+
+    Its lowest bit says the unit: set, the socket counts in microseconds
+    (Linux 6.7 and later, with the route's tcp_usec_ts), and the lead in
+    milliseconds is scaled to match; the lead is even in both units, so
+    the bit is kept.
+    """
+    lead = pacing_lead(pacing_rate)
+    return (timestamp + (lead * 1000 if timestamp & 1 else lead)) & 0xFFFFFFFF
 
 
 def _options(on_fd: socket.socket, ipv6: bool, locks: int) -> SocketOptions:
